@@ -1,0 +1,5 @@
+"""Palimpsa: gated linear attention with a per-synapse precision (importance) state."""
+
+from kernels.palimpsa.naive import PalimpsaState, naive_recurrent_palimpsa
+
+__all__ = ["PalimpsaState", "naive_recurrent_palimpsa"]
