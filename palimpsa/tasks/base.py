@@ -1,0 +1,83 @@
+"""Shared pieces of every task: the data container, the user-error type and seeded generators."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+IGNORE_INDEX = -100  # target value of positions that are not scored (torch's cross-entropy default)
+
+
+class TaskError(ValueError):
+    """A user error while building a task's data (a missing file, an absent optional package)."""
+
+
+@dataclass
+class TaskData:
+    """Token tensors of one task, aligned for next-token prediction.
+
+    The model predicts ``targets[:, t]`` from ``inputs[:, : t + 1]``; targets hold ``IGNORE_INDEX``
+    where a position is not scored.
+    """
+
+    train_inputs: torch.Tensor
+    train_targets: torch.Tensor
+    val_inputs: torch.Tensor
+    val_targets: torch.Tensor
+    vocab_size: int
+    metric: Literal["accuracy", "loss"]
+
+    TENSORS = ("train_inputs", "train_targets", "val_inputs", "val_targets")
+
+    def __post_init__(self) -> None:
+        for name in self.TENSORS:
+            value = getattr(self, name)
+            if value.dtype != torch.long or value.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D LongTensor, got {value.dtype} {tuple(value.shape)}")
+        if self.train_inputs.shape != self.train_targets.shape:
+            raise ValueError("train inputs and targets differ in shape")
+        if self.val_inputs.shape != self.val_targets.shape:
+            raise ValueError("val inputs and targets differ in shape")
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train_inputs.shape[1])
+
+
+def config_digest(cfg: Any, seed: int, *extra: Any) -> str:
+    """Stable hex digest of a task config, the run seed and anything else the data depends on."""
+    payload = {"config": dataclasses.asdict(cfg), "seed": seed, "extra": [str(e) for e in extra]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def split_generator(cfg: Any, seed: int, split: str) -> torch.Generator:
+    """One independent CPU generator per (config, seed, split): the val set does not move with num_train."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_train", "num_val")}
+    payload = json.dumps({"fields": fields, "seed": seed, "split": split}, sort_keys=True, default=str)
+    value = int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def sample_without_replacement(
+    num_rows: int, num_choices: int, k: int, gen: torch.Generator, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``k`` distinct indices in ``[0, num_choices)`` per row, in draw order.
+
+    Top-k of Gumbel-perturbed log-weights has the law of drawing one at a time without replacement
+    with probability proportional to the weights (uniform when ``log_weights`` is None).
+    Rows are processed in blocks so a large vocabulary does not need a [rows, vocab] buffer at once.
+    """
+    block = max(1, (1 << 24) // max(num_choices, 1))
+    out = torch.empty(num_rows, k, dtype=torch.long)
+    for start in range(0, num_rows, block):
+        rows = min(block, num_rows - start)
+        scores = torch.rand(rows, num_choices, generator=gen)
+        if log_weights is not None:
+            scores = log_weights - torch.log(-torch.log(scores.clamp_min(1e-12)))
+        out[start : start + rows] = scores.topk(k, dim=1).indices
+    return out

@@ -1,0 +1,48 @@
+"""On-disk cache of generated task data, keyed by task name and a digest of (config, seed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from palimpsa.tasks.base import TaskData
+
+# Bump when a generator changes what it emits for the same config and seed: old files stop matching.
+GENERATOR_VERSION = 1
+
+
+def cache_path(cache_dir: str | Path, task_name: str, digest: str) -> Path:
+    return Path(cache_dir) / f"{task_name}-{digest[:16]}.pt"
+
+
+def load_cached(path: Path) -> TaskData | None:
+    """The cached data, or None when the file is absent or unreadable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return TaskData(
+            **{name: blob[name] for name in TaskData.TENSORS},
+            vocab_size=int(blob["vocab_size"]),
+            metric=blob["metric"],
+        )
+    except Exception:  # a torn or foreign file is a cache miss, never an error
+        return None
+
+
+def save_cached(path: Path, data: TaskData) -> None:
+    """Write atomically: a reader sees the old file or the complete new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {name: getattr(data, name).contiguous() for name in TaskData.TENSORS}
+    blob.update(vocab_size=data.vocab_size, metric=data.metric)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(blob, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
