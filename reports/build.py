@@ -1,0 +1,134 @@
+"""``python -m reports.build``: render the analysis report from tracked runs, never retraining.
+
+Sources, one of:
+  --runs RUNS.parquet [--curves CURVES.parquet]     tables exported by any machine
+  --tracking-uri URI [--experiments a,b]            the MLflow store itself (via palimpsa.results)
+  (neither)                                         results/tables/{runs,curves}.parquet
+Optional: --tuning trials.parquet | --tuning STORAGE_URL --study NAME (Optuna history and importances).
+
+Writes ``--out`` (a self-contained HTML file) and, next to it, ``figures/<name>.png`` with
+``figures/<name>.rst`` captions, ``findings.json`` (every number with its source) and
+``selected.parquet`` (the runs at each model's best learning rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TABLES = Path("results/tables")
+DEFAULT_OUT = Path("results/report/index.html")
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    figures: list  # reports.figures.FigureResult
+    findings: list  # reports.findings.Finding
+    prepared: object  # reports.tables.Prepared
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("sources")
+    src.add_argument("--runs", type=Path, help="runs table (parquet), one row per run")
+    src.add_argument("--curves", type=Path, help="curves table (parquet): run_id, step, key, value")
+    src.add_argument("--tracking-uri", help="read the MLflow store at this URI instead of parquet tables")
+    src.add_argument("--experiments", help="comma-separated MLflow experiment (grid) names; default: all")
+    src.add_argument("--tuning", help="Optuna trials table (parquet) or an Optuna storage URL (with --study)")
+    src.add_argument("--study", help="Optuna study name when --tuning is a storage URL")
+    p.add_argument("--metric", help="quality column (default: val_accuracy, else val_loss)")
+    p.add_argument("--title", default="Palimpsa: why performance shifts with scale")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"HTML file to write (default {DEFAULT_OUT})"
+    )
+    p.add_argument("--min-figures", type=int, default=0, help="fail when fewer figures have data")
+    args = p.parse_args(argv)
+    if args.runs is not None and args.tracking_uri is not None:
+        p.error("give either --runs or --tracking-uri, not both")
+    if args.curves is not None and args.runs is None:
+        p.error("--curves needs --runs")
+    if args.study is not None and args.tuning is None:
+        p.error("--study needs --tuning")
+    return args
+
+
+def load_sources(args: argparse.Namespace):
+    """(runs, curves, source description) from parquet tables or the MLflow store."""
+    from reports.tables import ReportInputError, read_parquet_tables
+
+    if args.tracking_uri is not None:
+        from palimpsa import results
+
+        experiments = [e for e in (args.experiments or "").split(",") if e] or None
+        runs, curves = results.build_tables(args.tracking_uri, experiments)
+        where = f"MLflow store {args.tracking_uri}" + (
+            f", experiments {', '.join(experiments)}" if experiments else ""
+        )
+        return runs, curves, where
+    runs_path = args.runs or DEFAULT_TABLES / "runs.parquet"
+    curves_path = args.curves
+    if curves_path is None and args.runs is None and (DEFAULT_TABLES / "curves.parquet").is_file():
+        curves_path = DEFAULT_TABLES / "curves.parquet"
+    if args.runs is None and not runs_path.is_file():
+        raise ReportInputError(f"{runs_path}: no runs table; give --runs or --tracking-uri")
+    runs, curves = read_parquet_tables(runs_path, curves_path)
+    return runs, curves, f"tables {runs_path}" + (f" and {curves_path}" if curves_path else "")
+
+
+def build(args: argparse.Namespace) -> BuildResult:
+    from reports import figures as figs
+    from reports import findings as fnd
+    from reports import html
+    from reports.tables import prepare
+    from reports.tuning import load_tuning
+
+    runs, curves, source = load_sources(args)
+    prep = prepare(runs, curves, metric=args.metric)
+    tuning = load_tuning(args.tuning, args.study, prep.higher_is_better) if args.tuning else None
+    out: Path = args.out
+    fig_dir = out.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    results = figs.render_all(prep, tuning)
+    findings = fnd.compute_findings(prep)
+    for res in results:
+        if res.figure is not None:
+            res.save(fig_dir)
+    (out.parent / "findings.json").write_text(json.dumps([f.to_dict() for f in findings], indent=1))
+    prep.selected.write_parquet(out.parent / "selected.parquet")
+    out.write_text(html.render(args.title, prep, results, findings, source, tuning))
+    figs.close_all(results)
+    return BuildResult(out=out, figures=results, findings=findings, prepared=prep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from reports.tables import ReportInputError
+    from reports.tuning import TuningInputError
+
+    try:
+        result = build(args)
+    except (ReportInputError, TuningInputError) as err:
+        print(f"reports.build: error: {err}", file=sys.stderr)
+        return 2
+    with_data = [r for r in result.figures if r.figure is not None or r.path is not None]
+    skipped = [r for r in result.figures if r.skipped]
+    print(
+        f"wrote {result.out}: {len(with_data)} figures, {len(skipped)} skipped, {len(result.findings)} findings"
+    )
+    for r in skipped:
+        print(f"  skipped {r.name}: {r.skipped}")
+    if len(with_data) < args.min_figures:
+        print(
+            f"reports.build: error: only {len(with_data)} figures have data (--min-figures {args.min_figures})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
