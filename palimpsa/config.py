@@ -74,6 +74,9 @@ class MixerConfig:
     dt_min: float = 1e-3  # official / Mamba2 gates: dt at init ~ logU(dt_min, dt_max)
     dt_max: float = 1e-1
     output_variance: bool = False
+    # Set by metaplastic conversion: beta carries a per-head gain |g_h| initialised to 0, so a converted
+    # model starts exactly equal to its source (beta == 0, I_t == Ip) while d loss / d g_h != 0.
+    plasticity_gain: bool = False
     # All kinds -------------------------------------------------------------------
     conv_size: int = 4  # short causal conv on q, k, v; 0 disables it
     backend: Literal["auto", "reference", "triton", "fla"] = "auto"
@@ -89,6 +92,14 @@ class MixerConfig:
         _check(0 < self.a_init_min <= self.a_init_max, "a_init_min", "need 0 < a_init_min <= a_init_max")
         _check(0 < self.dt_min <= self.dt_max, "dt_min", "need 0 < dt_min <= dt_max")
         _check(self.conv_size >= 0, "conv_size", f"must be >= 0, got {self.conv_size}")
+        if self.kind == "attention":
+            _check(self.head_k_dim % 2 == 0, "head_k_dim", "must be even for rotary embeddings (attention)")
+        if self.kind in ("palimpsa", "metamamba2"):
+            _check(
+                self.backend != "fla",
+                "backend",
+                f"fla has no kernel for {self.kind}; use auto/reference/triton",
+            )
 
     @property
     def resolved_numerator(self) -> str:

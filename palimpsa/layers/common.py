@@ -1,0 +1,181 @@
+"""Pieces shared by every mixer: short conv, norms, gate initialisers and the layer shell around a recurrence.
+
+The shell (DESIGN §1) is the same for every fixed-memory member of the family, so that an ablation changes
+only the recurrence: ``q, k = L2norm(SiLU(ShortConv(W x)))``, ``v = SiLU(ShortConv(W_v x))``, then
+``o + D_h * v -> gated RMSNorm(., W_g x) -> o_proj``. Parameter names are shared too, which is what lets a
+Mamba2 checkpoint load straight into MetaMamba2 (see ``palimpsa.conversion``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from palimpsa.config import MixerConfig
+
+Cache = dict[str, Any]  # a mixer's generation cache: conv tails and recurrent state (or KV cache)
+
+L2_EPS = 1e-6
+
+
+def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
+    """Unit-norm keys/queries keep ``k (x) k`` and the delta-rule steps bounded."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def map_backend(requested: str) -> str:
+    """MixerConfig.backend -> the request understood by the baseline ops (which know fla, not 'triton')."""
+    return "fla" if requested == "triton" else requested
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm over each head's value dim, times ``SiLU(gate)``: the output gate of the shell."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x) * F.silu(gate)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time.
+
+    The cache is the last ``size - 1`` inputs; the full and the step-by-step forward run the very same
+    ``conv1d`` on ``[cache, x]``, so generation with a cache matches the full forward bit for bit.
+    """
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.weight = nn.Parameter(torch.empty(channels, 1, size))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(size), 1 / math.sqrt(size))
+
+    def forward(self, x: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        past = x.new_zeros(B, C, self.size - 1) if cache is None else cache.to(x.dtype)
+        xp = torch.cat([past, x.transpose(1, 2)], dim=-1)
+        y = F.conv1d(xp, self.weight, groups=C)
+        return y.transpose(1, 2), xp[..., xp.shape[-1] - (self.size - 1) :]
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(num_heads: int, dt_min: float, dt_max: float) -> Tensor:
+    """Bias such that ``softplus(bias) ~ logU(dt_min, dt_max)`` (Mamba2's dt init)."""
+    log_dt = torch.empty(num_heads).uniform_(math.log(dt_min), math.log(dt_max))
+    return inverse_softplus(log_dt.exp().clamp_min(1e-4))
+
+
+def init_a_log(num_heads: int, a_min: float, a_max: float) -> Tensor:
+    return torch.empty(num_heads).uniform_(a_min, a_max).log()
+
+
+class DtGate(nn.Module):
+    """Mamba2-style forgetting: ``dt = softplus(w_dt . x + dt_bias)``, ``log alpha = -exp(A_log) * dt``.
+
+    ``log alpha`` is formed directly in log space (never ``log(exp(.))``), so it is exact and ``<= 0``.
+    """
+
+    def __init__(self, cfg: MixerConfig, d_model: int):
+        super().__init__()
+        H = cfg.num_heads
+        self.w_dt = nn.Linear(d_model, H, bias=False)
+        self.dt_bias = nn.Parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max))
+        self.A_log = nn.Parameter(init_a_log(H, cfg.a_init_min, cfg.a_init_max))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dt, log_alpha)``, each ``[B, T, H]``."""
+        dt = F.softplus(self.w_dt(x) + self.dt_bias)
+        return dt, -self.A_log.exp() * dt
+
+
+class MixerShell(nn.Module):
+    """Projections, short convs, ``D`` skip, gated output norm; subclasses supply ``core``.
+
+    ``forward(x, cache=None, use_cache=False) -> (out, cache or None)``: ``cache`` holds the conv tails and
+    the recurrent state that ``core`` returns, so prefill-then-step equals one full forward.
+    """
+
+    op_name = "simple_gla"  # the kernels.backends op that decides fla vs torch
+
+    def __init__(self, cfg: MixerConfig, d_model: int, layer_idx: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.q_proj = nn.Linear(d_model, H * K, bias=False)
+        self.k_proj = nn.Linear(d_model, H * K, bias=False)
+        self.v_proj = nn.Linear(d_model, H * V, bias=False)
+        if cfg.conv_size > 0:
+            self.q_conv = ShortConv(H * K, cfg.conv_size)
+            self.k_conv = ShortConv(H * K, cfg.conv_size)
+            self.v_conv = ShortConv(H * V, cfg.conv_size)
+        self.g_proj = nn.Linear(d_model, H * V, bias=False)
+        self.D = nn.Parameter(torch.ones(H))
+        self.o_norm = GatedRMSNorm(V, norm_eps)
+        self.o_proj = nn.Linear(H * V, d_model, bias=False)
+        self.o_proj.is_residual_out = True  # scaled down at init by the model
+
+    # ----------------------------------------------------------------- pieces
+    def _conv(self, name: str, x: Tensor, cache: Cache | None, new: dict[str, Tensor]) -> Tensor:
+        if self.cfg.conv_size == 0:
+            return x
+        conv: ShortConv = getattr(self, f"{name}_conv")
+        y, tail = conv(x, None if cache is None else cache["conv"][name])
+        new[name] = tail
+        return y
+
+    def project(self, x: Tensor, cache: Cache | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """``q, k [B, T, H, K]`` (L2-normed), ``v [B, T, H, V]`` and the new conv tails."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        tails: dict[str, Tensor] = {}
+        q = F.silu(self._conv("q", self.q_proj(x), cache, tails)).view(B, T, H, K)
+        k = F.silu(self._conv("k", self.k_proj(x), cache, tails)).view(B, T, H, K)
+        v = F.silu(self._conv("v", self.v_proj(x), cache, tails)).view(B, T, H, V)
+        return l2norm(q), l2norm(k), v, tails
+
+    def finish(self, x: Tensor, o: Tensor, v: Tensor) -> Tensor:
+        B, T, H, V = o.shape
+        o = o + self.D[:, None] * v
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def backend_name(self, device: torch.device | str) -> str:
+        from kernels.backends import resolve_backend
+
+        return resolve_backend(self.op_name, device, map_backend(self.cfg.backend))
+
+    # ----------------------------------------------------------------- API
+    def core(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state: Any, output_final_state: bool
+    ) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, cache: Cache | None = None, use_cache: bool = False):
+        q, k, v, tails = self.project(x, cache)
+        o, state = self.core(x, q, k, v, None if cache is None else cache["state"], use_cache)
+        out = self.finish(x, o, v)
+        return out, ({"conv": tails, "state": state} if use_cache else None)
+
+    def log_alpha(self, x: Tensor) -> Tensor | None:
+        """``[B, T, H]`` log forgetting factors for diagnostics; None for ungated mixers."""
+        return None
+
+    def importance(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(I_T [B, H, V, K], Ip [H])`` at the last token for metaplastic mixers, else None."""
+        return None

@@ -1,0 +1,32 @@
+"""Mamba2 in the family's shell: simple GLA with ``q = C``, ``k = B``, ``u = dt * x``, ``alpha = exp(-A dt)``.
+
+C and B go through the same short conv, SiLU and L2 norm as every other member, so an ablation against
+Palimpsa changes only the recurrence; parameter names match MetaMamba2 so a checkpoint converts in place.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kernels.gla import simple_gla
+from palimpsa.config import MixerConfig
+from palimpsa.layers.common import DtGate, MixerShell, map_backend
+
+
+class Mamba2(MixerShell):
+    op_name = "simple_gla"
+
+    def __init__(self, cfg: MixerConfig, d_model: int, layer_idx: int, norm_eps: float = 1e-5):
+        super().__init__(cfg, d_model, layer_idx, norm_eps)
+        self.dt_gate = DtGate(cfg, d_model)
+
+    def core(self, x, q, k, v, state, output_final_state):
+        dt, log_alpha = self.dt_gate(x)
+        u = dt[..., None] * v
+        return simple_gla(
+            q, k, u, log_alpha, initial_state=state, output_final_state=output_final_state,
+            backend=map_backend(self.cfg.backend),
+        )  # fmt: skip
+
+    def log_alpha(self, x: Tensor) -> Tensor:
+        return self.dt_gate(x)[1]
