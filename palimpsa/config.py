@@ -145,6 +145,7 @@ class TrainConfig:
     target: float | None = None  # stop once the validation metric reaches this
     grad_clip: float = 1.0
     checkpoint_every: int = 200  # steps; the last checkpoint always lands at the end
+    log_every: int = 10  # steps between logged train metrics (loss, lr, grad norm, throughput)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
@@ -161,6 +162,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
 
 
 @dataclass
