@@ -12,13 +12,20 @@ from typing import Any
 
 from palimpsa.tasks.base import IGNORE_INDEX, TaskData, TaskError, config_digest
 from palimpsa.tasks.cache import GENERATOR_VERSION, cache_path, load_cached, save_cached
+from palimpsa.tasks.lm import LMConfig, build_lm, corpus_fingerprint
+from palimpsa.tasks.mad import MAD_VARIANTS, MADConfig, build_mad, generate_mad
 from palimpsa.tasks.metrics import mean_accuracy, sequence_accuracy
 from palimpsa.tasks.mqar import MQARConfig, build_mqar, generate_mqar
 
-TASK_CONFIGS: dict[str, type] = {"mqar": MQARConfig}
+TASK_CONFIGS: dict[str, type] = {"mqar": MQARConfig, "mad": MADConfig, "lm": LMConfig}
 
-_BUILDERS: dict[type, Callable[[Any, int], TaskData]] = {MQARConfig: build_mqar}
-_FINGERPRINTS: dict[type, Callable[[Any], Any]] = {}
+_BUILDERS: dict[type, Callable[[Any, int], TaskData]] = {
+    MQARConfig: build_mqar,
+    MADConfig: build_mad,
+    LMConfig: build_lm,
+}
+# What cached data depends on beyond (config, seed): for file corpora, the files themselves.
+_FINGERPRINTS: dict[type, Callable[[Any], Any]] = {LMConfig: corpus_fingerprint}
 
 
 def build_task(cfg: Any, cache_dir: str | Path | None = None, seed: int = 0) -> TaskData:
@@ -39,11 +46,15 @@ def build_task(cfg: Any, cache_dir: str | Path | None = None, seed: int = 0) -> 
 
 __all__ = [
     "IGNORE_INDEX",
+    "MAD_VARIANTS",
     "TASK_CONFIGS",
+    "LMConfig",
+    "MADConfig",
     "MQARConfig",
     "TaskData",
     "TaskError",
     "build_task",
+    "generate_mad",
     "generate_mqar",
     "mean_accuracy",
     "sequence_accuracy",
