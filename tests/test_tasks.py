@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 import time
+import types
 
 import pytest
 import torch
@@ -419,7 +422,34 @@ def test_lm_too_few_windows_is_a_clear_error(tmp_path) -> None:
 
 
 def test_lm_hf_without_datasets_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     cfg = LMConfig(source="hf", hf_dataset="HuggingFaceFW/fineweb-edu", num_train=4, num_val=1)
     with pytest.raises(TaskError, match=r"task\.source: 'hf' needs the `datasets` package"):
         build_task(cfg)
+
+
+def test_lm_hf_streams_only_what_it_needs(monkeypatch) -> None:
+    """The streaming loop against a stand-in for the absent ``datasets`` package (same call signature)."""
+    pulled: list[int] = []
+
+    def load_dataset(name, config, split, streaming):
+        assert (name, config, split, streaming) == ("org/corpus", "sample", "train", True)
+        for i in range(10**6):
+            pulled.append(i)
+            yield {"text": f"record {i} " + "lorem ipsum " * 20, "id": i}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    cfg = LMConfig(
+        source="hf", hf_dataset="org/corpus", hf_config="sample", seq_len=32, num_train=50, num_val=5
+    )
+    data = build_task(cfg)
+    assert data.train_inputs.shape == (50, 32) and data.val_inputs.shape == (5, 32)
+    assert len(pulled) < 200  # stops once both splits are full
+    val_text = bytes(data.val_inputs.flatten().tolist())
+    train_text = bytes(data.train_inputs.flatten().tolist())
+    val_ids = {int(m) for m in re.findall(rb"record (\d+) ", val_text)}
+    train_ids = {int(m) for m in re.findall(rb"record (\d+) ", train_text)}
+    assert val_ids and train_ids and not val_ids & train_ids  # split by document
+    bad = LMConfig(source="hf", hf_dataset="org/corpus", hf_config="sample", text_field="body")
+    with pytest.raises(TaskError, match=r"task\.text_field: 'body' is not a field"):
+        build_task(bad)
