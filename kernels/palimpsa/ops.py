@@ -1,10 +1,56 @@
-"""One entry point for the Palimpsa op: picks the implementation for the device at hand."""
+"""One entry point for the Palimpsa op: picks the implementation for the device at hand.
+
+``backend``: ``"auto"`` (Triton on CUDA tensors, the chunked torch form on CPU), ``"reference"`` (the
+float64-exact recurrence), ``"chunk"`` (the chunked torch form) or ``"triton"`` (the Triton kernels; on CPU
+tensors they run only under ``TRITON_INTERPRET=1``). Triton is imported only when a Triton path is taken, so
+``kernels`` stays importable on machines without it.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import Tensor
 
-from kernels.palimpsa.naive import PalimpsaState, naive_recurrent_palimpsa
+from kernels.palimpsa.naive import PalimpsaState, naive_chunk_palimpsa, naive_recurrent_palimpsa
+
+BACKENDS = ("auto", "reference", "chunk", "triton")
+PREFILL_CHUNKED_MIN = 64  # prompts at least this long go through the chunked forward
+
+
+def _per_sequence(fn, q, k, u, beta, log_alpha, ip, scale, init, output_final_state, output_variance, cu):
+    """Run a dense-batch implementation on each sequence of a flattened varlen batch (reference paths)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {q.shape[0]}")
+    bounds = cu.tolist()
+    ys, vs, finals = [], [], []
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        init_n = None if init is None else (init[0][n : n + 1], init[1][n : n + 1])
+        part = [x[:, bos:eos] for x in (q, k, u, beta, log_alpha)]
+        y, v, f = fn(*part, ip, scale, init_n, output_final_state, output_variance)
+        ys.append(y)
+        vs.append(v)
+        finals.append(f)
+    y = torch.cat(ys, dim=1)
+    var = torch.cat(vs, dim=1) if output_variance else None
+    final = None
+    if output_final_state:
+        final = (torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals]))
+    return y, var, final
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete implementation a request runs on."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Palimpsa backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "chunk"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return backend
 
 
 def palimpsa_attn(
@@ -21,9 +67,81 @@ def palimpsa_attn(
     cu_seqlens: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None, PalimpsaState | None]:
-    """Palimpsa recurrence (DESIGN §1) on ``[B, T, H, D]`` tensors; see ``naive_recurrent_palimpsa``."""
+    """Palimpsa recurrence (DESIGN §1) on ``[B, T, H, D]`` tensors; see ``naive_recurrent_palimpsa``.
+
+    ``ip`` is a scalar or a per-head ``[H]`` tensor (gradients flow to it); states are ``(mu, I)`` pairs of
+    ``[B, H, V, K]`` fp32 tensors, ``[N, H, V, K]`` with ``cu_seqlens`` (then ``B == 1``).
+    """
+    impl = resolve_backend(backend, q.device)
+    if impl == "triton":
+        from kernels.palimpsa.chunk import chunk_palimpsa
+
+        return chunk_palimpsa(
+            q,
+            k,
+            u,
+            beta,
+            log_alpha,
+            ip,
+            scale,
+            initial_state,
+            output_final_state,
+            output_variance,
+            cu_seqlens,
+        )
+    fn = naive_recurrent_palimpsa if impl == "reference" else naive_chunk_palimpsa
     if cu_seqlens is not None:
-        raise NotImplementedError("cu_seqlens needs the Triton backend")
-    return naive_recurrent_palimpsa(
-        q, k, u, beta, log_alpha, ip, scale, initial_state, output_final_state, output_variance
+        return _per_sequence(
+            fn,
+            q,
+            k,
+            u,
+            beta,
+            log_alpha,
+            ip,
+            scale,
+            initial_state,
+            output_final_state,
+            output_variance,
+            cu_seqlens,
+        )
+    return fn(q, k, u, beta, log_alpha, ip, scale, initial_state, output_final_state, output_variance)
+
+
+@torch.no_grad()
+def fused_recurrent_palimpsa(
+    q: Tensor,
+    k: Tensor,
+    u: Tensor,
+    beta: Tensor,
+    log_alpha: Tensor,
+    ip: Tensor | float,
+    scale: float | None = None,
+    initial_state: PalimpsaState | None = None,
+    output_final_state: bool = True,
+    output_variance: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None, PalimpsaState | None]:
+    """Inference forward (prefill or one-token decode) with the state in and out; no gradients.
+
+    Short inputs (decode) run the fused recurrent kernel; long prompts run the chunked forward.
+    """
+    impl = resolve_backend(backend, q.device)
+    B, T, H, K = q.shape
+    if impl != "triton":
+        fn = naive_recurrent_palimpsa if impl == "reference" else naive_chunk_palimpsa
+        return fn(q, k, u, beta, log_alpha, ip, scale, initial_state, output_final_state, output_variance)
+    scale = K**-0.5 if scale is None else float(scale)
+    if T >= PREFILL_CHUNKED_MIN:
+        from kernels.palimpsa.chunk import chunk_palimpsa
+
+        return chunk_palimpsa(
+            q, k, u, beta, log_alpha, ip, scale, initial_state, output_final_state, output_variance
+        )
+    from kernels.palimpsa.fused_recurrent import recurrent_palimpsa_fwd
+
+    ip_h = torch.as_tensor(ip, device=q.device, dtype=torch.float32)
+    ip_h = (ip_h.expand(H) if ip_h.dim() == 0 else ip_h).contiguous()
+    return recurrent_palimpsa_fwd(
+        q, k, u, beta, log_alpha, ip_h, scale, initial_state, output_final_state, output_variance
     )

@@ -1,0 +1,459 @@
+"""Chunked Triton forward and backward of the Palimpsa recurrence (DESIGN §1).
+
+Sequences are flattened to ``[1, total_T, H, D]`` and cut into chunks of ``C`` tokens (fla's varlen
+convention; a plain batch is ``B`` sequences of ``T``). Only chunk-boundary states reach device memory.
+
+Forward
+  1. ``_states_fwd``: per (sequence, head, V block) walk the chunks; ``M`` and ``Ibar`` advance by one
+     tensor-core product per chunk, ``(u * e^{G_C - G_j})^T @ k``; the state *before* each chunk is stored.
+  2. ``_output_fwd``: per (chunk, head, V block), in parallel, replay the chunk token by token from its
+     boundary state (on chip) and read out ``y`` (and the variance).
+
+Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t, Ibar_t)``
+  3. ``_local_bwd``: per chunk in parallel, ``L_c = sum_t e^{G_t} D_t``, the chunk's own pull on its
+     start state.
+  4. ``_scan_bwd``: a reverse scan over chunks gives ``E_c``, the gradient on the state after chunk ``c``
+     coming from later tokens (and the final state), and the gradient on the initial state.
+  5. ``_main_bwd``: per (chunk, head), walk the chunk's sub-chunks of ``CS`` tokens backwards. A sub-chunk's
+     start state comes from the chunk's boundary state by one masked tensor-core product; its per-token
+     states ``[CS, BV, BK]`` by an on-chip scan; the reverse scan from ``E`` gives ``dM_t, dIbar_t``; then
+     ``du, dbeta, dk, dq``, the ``Ip`` gradient and the per-token pieces of ``d log alpha``.
+
+``d log alpha_t = sum_{s >= t} (Phi_s - u_s . du_s - beta_s . dbeta_s)`` with
+``Phi_s = <D^M_s, M_s> + <D^I_s, Ibar_s>``: every term is local to one token, so the sum is a reverse
+cumulative sum done once at the end (derivation in ``notes.md`` beside the benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2, sequence_layout
+
+
+@triton.jit
+def _affine(a1, x1, a2, x2):
+    """Compose two steps ``z -> a z + x`` (first then second): the scan operator of a gated recurrence."""
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _states_fwd(
+    k, u, beta, la, h0m, h0i, hm, hi, hTm, hTi, cu, chunk_offsets,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    iv, inh = tl.program_id(0), tl.program_id(1)
+    n, h = inh // H, inh % H
+    bos, eos = tl.load(cu + n).to(tl.int64), tl.load(cu + n + 1).to(tl.int64)
+    boff = tl.load(chunk_offsets + n).to(tl.int64)
+    nt = tl.cdiv(eos - bos, C)
+    ov = iv * BV + tl.arange(0, BV)
+    ok = tl.arange(0, BK)
+    tc = tl.arange(0, C)
+    mvk = (ov[:, None] < V) & (ok[None, :] < K)
+    s_vk = ov[:, None] * K + ok[None, :]
+    sm = tl.zeros([BV, BK], dtype=tl.float32)
+    si = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_INIT:
+        sm += tl.load(h0m + (n * H + h) * V * K + s_vk, mask=mvk, other=0.0)
+        si += tl.load(h0i + (n * H + h) * V * K + s_vk, mask=mvk, other=0.0)
+    for i in range(nt):
+        base = ((boff + i) * H + h) * V * K
+        tl.store(hm + base + s_vk, sm, mask=mvk)
+        tl.store(hi + base + s_vk, si, mask=mvk)
+        tok = bos + i * C + tc
+        mt = tok < eos
+        g = tl.load(la + tok * H + h, mask=mt, other=0.0).to(tl.float32)
+        gc = tl.cumsum(g, axis=0)
+        gl = tl.sum(g, axis=0)
+        w = tl.exp(gl - gc)
+        kc = tl.load(
+            k + (tok * H + h)[:, None] * K + ok[None, :], mask=mt[:, None] & (ok[None, :] < K), other=0.0
+        )
+        kc = kc.to(tl.float32)
+        mtv = mt[:, None] & (ov[None, :] < V)
+        uc = tl.load(u + (tok * H + h)[:, None] * V + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+        bc = tl.load(beta + (tok * H + h)[:, None] * V + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+        decay = tl.exp(gl)
+        sm = sm * decay + tl.dot(tl.trans(uc * w[:, None]), kc, input_precision=PREC)
+        si = si * decay + tl.dot(tl.trans(bc * w[:, None]), kc * kc, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(hTm + (n * H + h) * V * K + s_vk, sm, mask=mvk)
+        tl.store(hTi + (n * H + h) * V * K + s_vk, si, mask=mvk)
+
+
+@triton.jit
+def _chunk_span(cu, chunk_index, ic, C: tl.constexpr):
+    """First token and length of global chunk ``ic``."""
+    n = tl.load(chunk_index + ic * 2)
+    i = tl.load(chunk_index + ic * 2 + 1)
+    bos, eos = tl.load(cu + n).to(tl.int64), tl.load(cu + n + 1).to(tl.int64)
+    t0 = bos + i.to(tl.int64) * C
+    return t0, tl.minimum(eos - t0, C)
+
+
+@triton.jit
+def _output_fwd(
+    q, k, u, beta, la, ip, hm, hi, y, var, cu, chunk_index, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    STORE_VAR: tl.constexpr,
+):  # fmt: skip
+    iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, L = _chunk_span(cu, chunk_index, ic, C)
+    ov = iv * BV + tl.arange(0, BV)
+    ok = tl.arange(0, BK)
+    mv, mk = ov < V, ok < K
+    mvk = mv[:, None] & mk[None, :]
+    base = (ic.to(tl.int64) * H + h) * V * K
+    sm = tl.load(hm + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
+    si = tl.load(hi + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
+    p = tl.load(ip + h).to(tl.float32)
+    for t in range(L):
+        tok = t0 + t
+        a = tl.exp(tl.load(la + tok * H + h).to(tl.float32))
+        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        sm = a * sm + ut[:, None] * kt[None, :]
+        si = a * si + bt[:, None] * (kt * kt)[None, :]
+        r = 1.0 / (si + p)
+        yt = tl.sum(sm * r * qt[None, :], axis=1) * scale
+        tl.store(y + (tok * H + h) * V + ov, yt.to(y.dtype.element_ty), mask=mv)
+        if STORE_VAR:
+            vt = tl.sum(r * (qt * qt)[None, :], axis=1) * (scale * scale)
+            tl.store(var + (tok * H + h) * V + ov, vt.to(var.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _local_bwd(
+    q, k, u, beta, la, ip, hm, hi, do, dvar, lm, li, cu, chunk_index, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DVAR: tl.constexpr,
+):  # fmt: skip
+    iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, L = _chunk_span(cu, chunk_index, ic, C)
+    ov = iv * BV + tl.arange(0, BV)
+    ok = tl.arange(0, BK)
+    mv, mk = ov < V, ok < K
+    mvk = mv[:, None] & mk[None, :]
+    base = (ic.to(tl.int64) * H + h) * V * K
+    s_vk = ov[:, None] * K + ok[None, :]
+    sm = tl.load(hm + base + s_vk, mask=mvk, other=0.0)
+    si = tl.load(hi + base + s_vk, mask=mvk, other=0.0)
+    p = tl.load(ip + h).to(tl.float32)
+    acc_m = tl.zeros([BV, BK], dtype=tl.float32)
+    acc_i = tl.zeros([BV, BK], dtype=tl.float32)
+    g = 0.0
+    for t in range(L):
+        tok = t0 + t
+        lat = tl.load(la + tok * H + h).to(tl.float32)
+        a = tl.exp(lat)
+        g += lat
+        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        dot_ = tl.load(do + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        sm = a * sm + ut[:, None] * kt[None, :]
+        si = a * si + bt[:, None] * (kt * kt)[None, :]
+        r = 1.0 / (si + p)
+        dm = (scale * dot_)[:, None] * qt[None, :] * r
+        di = -dm * sm * r
+        if HAS_DVAR:
+            dvt = tl.load(dvar + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+            di -= (scale * scale * dvt)[:, None] * (qt * qt)[None, :] * r * r
+        e = tl.exp(g)
+        acc_m += e * dm
+        acc_i += e * di
+    tl.store(lm + base + s_vk, acc_m, mask=mvk)
+    tl.store(li + base + s_vk, acc_i, mask=mvk)
+
+
+@triton.jit
+def _scan_bwd(
+    la, dhm, dhi, dTm, dTi, d0m, d0i, cu, chunk_offsets,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+):  # fmt: skip
+    iv, inh = tl.program_id(0), tl.program_id(1)
+    n, h = inh // H, inh % H
+    bos, eos = tl.load(cu + n).to(tl.int64), tl.load(cu + n + 1).to(tl.int64)
+    boff = tl.load(chunk_offsets + n).to(tl.int64)
+    nt = tl.cdiv(eos - bos, C)
+    ov = iv * BV + tl.arange(0, BV)
+    ok = tl.arange(0, BK)
+    tc = tl.arange(0, C)
+    mvk = (ov[:, None] < V) & (ok[None, :] < K)
+    s_vk = ov[:, None] * K + ok[None, :]
+    em = tl.zeros([BV, BK], dtype=tl.float32)
+    ei = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_DFINAL:
+        em += tl.load(dTm + (n * H + h) * V * K + s_vk, mask=mvk, other=0.0)
+        ei += tl.load(dTi + (n * H + h) * V * K + s_vk, mask=mvk, other=0.0)
+    for j in range(nt):
+        i = nt - 1 - j
+        base = ((boff + i) * H + h) * V * K
+        local_m = tl.load(dhm + base + s_vk, mask=mvk, other=0.0)
+        local_i = tl.load(dhi + base + s_vk, mask=mvk, other=0.0)
+        tl.store(dhm + base + s_vk, em, mask=mvk)
+        tl.store(dhi + base + s_vk, ei, mask=mvk)
+        tok = bos + i * C + tc
+        decay = tl.exp(tl.sum(tl.load(la + tok * H + h, mask=tok < eos, other=0.0).to(tl.float32), axis=0))
+        em = local_m + decay * em
+        ei = local_i + decay * ei
+    tl.store(d0m + (n * H + h) * V * K + s_vk, em, mask=mvk)
+    tl.store(d0i + (n * H + h) * V * K + s_vk, ei, mask=mvk)
+
+
+@triton.jit
+def _main_bwd(
+    q, k, u, beta, la, ip, hm, hi, dhm, dhi, do, dvar,
+    dq, dk, du, db, dla, dip, cu, chunk_index, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, CS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DVAR: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    ic, h = tl.program_id(0), tl.program_id(1)
+    t0, L = _chunk_span(cu, chunk_index, ic, C)
+    ok = tl.arange(0, BK)
+    mk = ok < K
+    tc = tl.arange(0, C)
+    ts_ = tl.arange(0, CS)
+    p = tl.load(ip + h).to(tl.float32)
+    mtc = tc < L
+    g_c = tl.load(la + (t0 + tc) * H + h, mask=mtc, other=0.0).to(tl.float32)
+    gc = tl.cumsum(g_c, axis=0)
+    k_c = tl.load(
+        k + ((t0 + tc) * H + h)[:, None] * K + ok[None, :], mask=mtc[:, None] & mk[None, :], other=0.0
+    )
+    k_c = k_c.to(tl.float32)
+    kk_c = k_c * k_c
+    base = (ic.to(tl.int64) * H + h) * V * K
+    ns = tl.cdiv(L, CS)
+    dip_acc = 0.0
+    for iv in range(tl.cdiv(V, BV)):
+        tl.debug_barrier()
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        mvk = mv[:, None] & mk[None, :]
+        s_vk = ov[:, None] * K + ok[None, :]
+        sm = tl.load(hm + base + s_vk, mask=mvk, other=0.0)
+        si = tl.load(hi + base + s_vk, mask=mvk, other=0.0)
+        em = tl.load(dhm + base + s_vk, mask=mvk, other=0.0)
+        ei = tl.load(dhi + base + s_vk, mask=mvk, other=0.0)
+        mcv = mtc[:, None] & mv[None, :]
+        u_c = tl.load(u + ((t0 + tc) * H + h)[:, None] * V + ov[None, :], mask=mcv, other=0.0).to(tl.float32)
+        b_c = tl.load(beta + ((t0 + tc) * H + h)[:, None] * V + ov[None, :], mask=mcv, other=0.0).to(
+            tl.float32
+        )
+        for js in range(ns):
+            s0 = (ns - 1 - js) * CS
+            # forward state just before the sub-chunk, from the chunk's boundary state
+            g0 = tl.sum(tl.where(tc < s0, g_c, 0.0), axis=0)
+            w = tl.where(tc < s0, tl.exp(g0 - gc), 0.0)
+            d0 = tl.exp(g0)
+            m0 = sm * d0 + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
+            i0 = si * d0 + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+            # the sub-chunk's tokens
+            tt = s0 + ts_
+            mt = tt < L
+            tok = t0 + tt
+            rows_k = (tok * H + h)[:, None] * K + ok[None, :]
+            rows_v = (tok * H + h)[:, None] * V + ov[None, :]
+            mtk = mt[:, None] & mk[None, :]
+            mtv = mt[:, None] & mv[None, :]
+            g_s = tl.load(la + tok * H + h, mask=mt, other=0.0).to(tl.float32)
+            g_n = tl.load(la + (tok + 1) * H + h, mask=(tt + 1) < L, other=0.0).to(tl.float32)
+            q_s = tl.load(q + rows_k, mask=mtk, other=0.0).to(tl.float32)
+            k_s = tl.load(k + rows_k, mask=mtk, other=0.0).to(tl.float32)
+            u_s = tl.load(u + rows_v, mask=mtv, other=0.0).to(tl.float32)
+            b_s = tl.load(beta + rows_v, mask=mtv, other=0.0).to(tl.float32)
+            do_s = tl.load(do + rows_v, mask=mtv, other=0.0).to(tl.float32)
+            kk_s = k_s * k_s
+            a3 = tl.broadcast_to(tl.exp(g_s)[:, None, None], [CS, BV, BK])
+            e3 = tl.exp(tl.cumsum(g_s, axis=0))[:, None, None]
+            _, m3 = tl.associative_scan((a3, u_s[:, :, None] * k_s[:, None, :]), 0, _affine)
+            m3 += e3 * m0[None, :, :]
+            _, i3 = tl.associative_scan((a3, b_s[:, :, None] * kk_s[:, None, :]), 0, _affine)
+            i3 += e3 * i0[None, :, :]
+            r3 = 1.0 / (i3 + p)
+            mu3 = m3 * r3
+            sdo = scale * do_s
+            dm3 = sdo[:, :, None] * q_s[:, None, :] * r3
+            di3 = -dm3 * mu3
+            dq_s = tl.sum(sdo[:, :, None] * mu3, axis=1)
+            if HAS_DVAR:
+                wv = scale * scale * tl.load(dvar + rows_v, mask=mtv, other=0.0).to(tl.float32)
+                wr = wv[:, :, None] * r3
+                di3 -= wr * r3 * (q_s * q_s)[:, None, :]
+                dq_s += 2.0 * q_s * tl.sum(wr, axis=1)
+            phi = tl.sum(tl.sum(dm3 * m3 + di3 * i3, axis=2), axis=1)
+            dip_acc += tl.sum(tl.sum(tl.sum(di3, axis=2), axis=1), axis=0)
+            # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}, entered with E at the last row
+            an3 = tl.broadcast_to(tl.exp(g_n)[:, None, None], [CS, BV, BK])
+            last = (ts_ == CS - 1)[:, None, None]
+            _, gm3 = tl.associative_scan(
+                (an3, dm3 + tl.where(last, em[None, :, :], 0.0)), 0, _affine, reverse=True
+            )
+            _, gi3 = tl.associative_scan(
+                (an3, di3 + tl.where(last, ei[None, :, :], 0.0)), 0, _affine, reverse=True
+            )
+            du_s = tl.sum(gm3 * k_s[:, None, :], axis=2)
+            db_s = tl.sum(gi3 * kk_s[:, None, :], axis=2)
+            dk_s = tl.sum(gm3 * u_s[:, :, None], axis=1) + 2.0 * k_s * tl.sum(gi3 * b_s[:, :, None], axis=1)
+            psi = tl.sum(u_s * du_s + b_s * db_s, axis=1)
+            first = (ts_ == 0)[:, None, None]
+            a_first = tl.exp(tl.sum(tl.where(ts_ == 0, g_s, 0.0), axis=0))
+            em = a_first * tl.sum(tl.where(first, gm3, 0.0), axis=0)
+            ei = a_first * tl.sum(tl.where(first, gi3, 0.0), axis=0)
+            tl.store(du + rows_v, du_s, mask=mtv)
+            tl.store(db + rows_v, db_s, mask=mtv)
+            tl.store(dk + rows_k, tl.load(dk + rows_k, mask=mtk, other=0.0) + dk_s, mask=mtk)
+            tl.store(dq + rows_k, tl.load(dq + rows_k, mask=mtk, other=0.0) + dq_s, mask=mtk)
+            tl.store(dla + tok * H + h, tl.load(dla + tok * H + h, mask=mt, other=0.0) + phi - psi, mask=mt)
+    tl.store(dip + ic * H + h, dip_acc)
+
+
+def _sub_chunk(bk: int, bv: int) -> int:
+    """Tokens per on-chip sub-chunk: ``[CS, BV, BK]`` tiles of at most 8192 fp32 values."""
+    return max(1, min(16, 8192 // (bk * bv)))
+
+
+class ChunkPalimpsaFunction(torch.autograd.Function):
+    """Autograd wrapper over the chunked kernels on raw states ``(M, Ibar)``; ``Ip`` is a per-head tensor."""
+
+    @staticmethod
+    def forward(ctx, q, k, u, beta, log_alpha, ip, m0, i0, scale, layout, output_final, output_variance, C):
+        _, TT, H, K = q.shape
+        V = u.shape[-1]
+        BK = max(16, next_pow2(K))
+        BV = max(16, min(next_pow2(V), 64 if BK <= 64 else 32))
+        N, NT = layout.num_seqs, layout.num_chunks
+        hm = q.new_empty(NT, H, V, K, dtype=torch.float32)
+        hi = torch.empty_like(hm)
+        hTm = q.new_empty(N, H, V, K, dtype=torch.float32) if output_final else None
+        hTi = torch.empty_like(hTm) if output_final else None
+        prec = dot_precision(q.dtype)
+        use_init = m0 is not None
+        _states_fwd[(triton.cdiv(V, BV), N * H)](
+            k, u, beta, log_alpha, m0 if use_init else hm, i0 if use_init else hi, hm, hi,
+            hTm if output_final else hm, hTi if output_final else hi, layout.cu_seqlens, layout.chunk_offsets,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, USE_INIT=use_init, STORE_FINAL=output_final, PREC=prec,
+            num_warps=4,
+        )  # fmt: skip
+        y = torch.empty_like(u, dtype=q.dtype)
+        var = torch.empty_like(y) if output_variance else None
+        BVo = min(max(next_pow2(V), 8), 32 if BK <= 64 else 16)
+        _output_fwd[(triton.cdiv(V, BVo), NT, H)](
+            q, k, u, beta, log_alpha, ip, hm, hi, y, var if output_variance else y,
+            layout.cu_seqlens, layout.chunk_index, scale,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi)
+        ctx.meta = (scale, layout, C, use_init, output_final)
+        return y, var, hTm, hTi
+
+    @staticmethod
+    def backward(ctx, dy, dvar, dTm, dTi):
+        q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
+        scale, layout, C, use_init, output_final = ctx.meta
+        _, TT, H, K = q.shape
+        V = u.shape[-1]
+        N, NT = layout.num_seqs, layout.num_chunks
+        BK = max(16, next_pow2(K))
+        has_dvar = dvar is not None
+        dy = torch.zeros_like(u, dtype=q.dtype) if dy is None else dy.contiguous()
+        dvar = dvar.contiguous() if has_dvar else dy
+        has_dfinal = output_final and (dTm is not None or dTi is not None)
+        if has_dfinal:
+            dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
+            dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
+        # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
+        dhm = torch.empty_like(hm)
+        dhi = torch.empty_like(hi)
+        BVl = min(max(next_pow2(V), 8), 32 if BK <= 64 else 16)
+        _local_bwd[(triton.cdiv(V, BVl), NT, H)](
+            q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
+            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=4,
+        )  # fmt: skip
+        # 4. reverse scan over chunks
+        d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
+        d0i = torch.empty_like(d0m)
+        BVs = min(max(next_pow2(V), 8), 32)
+        _scan_bwd[(triton.cdiv(V, BVs), N * H)](
+            log_alpha, dhm, dhi, dTm if has_dfinal else dhm, dTi if has_dfinal else dhi, d0m, d0i,
+            layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+            HAS_DFINAL=has_dfinal, num_warps=4,
+        )  # fmt: skip
+        # 5. everything per token
+        BVm = 16 if BK >= 128 else min(max(next_pow2(V), 16), 32)
+        CS = _sub_chunk(BK, BVm)
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dk = torch.zeros_like(dq)
+        du = torch.empty(u.shape, device=q.device, dtype=torch.float32)
+        db = torch.empty_like(du)
+        dla = torch.zeros(log_alpha.shape, device=q.device, dtype=torch.float32)
+        dip = q.new_empty(NT, H, dtype=torch.float32)
+        _main_bwd[(NT, H)](
+            q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
+            layout.cu_seqlens, layout.chunk_index, scale,
+            H=H, K=K, V=V, C=C, CS=CS, BK=BK, BV=BVm, HAS_DVAR=has_dvar, PREC=dot_precision(q.dtype),
+            num_warps=4 if BK * BVm * CS <= 4096 else 8,
+        )  # fmt: skip
+        # d log alpha: reverse cumulative sum of the per-token pieces within each sequence
+        dla = layout.reverse_cumsum(dla)
+        if has_dfinal:  # the final state is read after every token of its sequence
+            phi_T = (dTm * hTm).sum((-1, -2)) + (dTi * hTi).sum((-1, -2))  # [N, H]
+            dla = dla + layout.per_token(phi_T)
+        dip = dip.sum(0)
+        dm0 = d0m if use_init else None
+        di0 = d0i if use_init else None
+        return (
+            dq.to(q.dtype), dk.to(k.dtype), du.to(u.dtype), db.to(beta.dtype), dla.to(log_alpha.dtype),
+            dip.to(ip.dtype), dm0, di0, None, None, None, None, None,
+        )  # fmt: skip
+
+
+def chunk_palimpsa(
+    q: Tensor,
+    k: Tensor,
+    u: Tensor,
+    beta: Tensor,
+    log_alpha: Tensor,
+    ip: Tensor | float,
+    scale: float | None = None,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    output_variance: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+    """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
+    scale = K**-0.5 if scale is None else float(scale)
+    layout: SequenceLayout = sequence_layout(B, T, cu_seqlens, chunk_size, q.device)
+    ip_h = torch.as_tensor(ip, device=q.device, dtype=torch.float32)
+    ip_h = ip_h.expand(H) if ip_h.dim() == 0 else ip_h.to(torch.float32)
+    m0 = i0 = None
+    if initial_state is not None:
+        mu0, I0 = initial_state
+        m0 = (mu0.float() * I0.float()).contiguous()
+        i0 = (I0.float() - ip_h[None, :, None, None]).contiguous()
+    flat = [x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, u, beta, log_alpha)]
+    y, var, hTm, hTi = ChunkPalimpsaFunction.apply(
+        *flat, ip_h.contiguous(), m0, i0, scale, layout, output_final_state, output_variance, chunk_size
+    )
+    y = y.view(B, T, H, V)
+    var = var.view(B, T, H, V) if var is not None else None
+    final = None
+    if output_final_state:
+        I_T = hTi + ip_h[None, :, None, None]
+        final = (hTm / I_T, I_T)
+    return y, var, final
