@@ -1,0 +1,27 @@
+"""Reproduce every experiment: `snakemake --profile workflow/profiles/default` (CPU smoke grid).
+
+Thin on purpose: the config, its validation and the grid expansion live in workflow/rules/common.smk
+and palimpsa/grid.py; each stage is one file under workflow/rules/.
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "workflow/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/tune.smk"
+include: "workflow/rules/results.smk"

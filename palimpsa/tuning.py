@@ -1,0 +1,533 @@
+"""Optuna studies over a run config: a YAML search space, pruning on validation curves, MLflow per trial.
+
+A study spec (``ablations/tune-*.yaml``) names a base run config, dotted overrides, the metric and a
+search space (``dotted.key: {type: float|int|categorical, low, high, log, step, choices}``). Several
+workers (processes, Snakemake jobs, machines sharing a file system) run trials on one storage until the
+study holds ``n_trials``; the default storage is a journal file, safe for parallel writers without a
+database server, and any database URL works too. Each trial trains through
+:func:`palimpsa.training.train` with an ``on_eval`` hook that reports the validation metric and raises
+:class:`optuna.TrialPruned` when the pruner says so; each trial is an MLflow run nested under one study
+run. The best trial's parameters land in ``best.yaml`` as dotted overrides that a grid can reference with
+``overrides_from``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from palimpsa.config import ConfigError, config_from_dict, config_to_dict
+from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
+
+STUDY_ATTR_PARENT = "mlflow_parent_run_id"
+COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+@dataclass
+class TuneSpec:
+    """A validated study spec; ``config`` is the base run config mapping with overrides applied."""
+
+    name: str
+    path: Path | None
+    config: dict[str, Any]
+    space: dict[str, dict[str, Any]]
+    metric: str = "val_accuracy"
+    direction: str = "maximize"
+    n_trials: int = 8
+    sampler: dict[str, Any] = field(default_factory=dict)
+    pruner: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def experiment(self) -> str:
+        return f"tune-{self.name}"
+
+
+def _default_direction(metric: str) -> str:
+    return "minimize" if any(w in metric for w in ("loss", "perplexity", "nll", "error")) else "maximize"
+
+
+def load_tune_spec(
+    source: str | Path | dict[str, Any], extra: dict[str, Any] | None = None, name: str | None = None
+) -> TuneSpec:
+    """Read and validate a study spec (a file or a mapping). ``extra``: dotted overrides on top."""
+    path = Path(source) if not isinstance(source, dict) else None
+    where = path or "tuning spec"
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise GridError("", "tuning spec not found", path) from None
+        except yaml.YAMLError as err:
+            raise GridError("", f"malformed YAML: {err}".replace("\n", " "), path) from None
+    else:
+        data = copy.deepcopy(source)
+    if not isinstance(data, dict):
+        raise GridError("", "a tuning spec must be a YAML mapping", where)
+    errors = schema_errors(data, "tune.schema.yaml")
+    if errors:
+        raise GridError(errors[0][0], errors[0][1], where)
+    base = data["base"]
+    if isinstance(base, str):
+        base_path = resolve_path(base, path) if path else Path(base)
+        try:
+            base = yaml.safe_load(base_path.read_text())
+        except FileNotFoundError:
+            raise GridError("base", f"base config not found: {base_path}", where) from None
+    cfg = copy.deepcopy(base)
+    for key, value in (data.get("overrides") or {}).items():
+        set_key(cfg, key, value, f"overrides.{key}")
+    for key, value in (extra or {}).items():
+        set_key(cfg, key, value, f"run_overrides.{key}")
+    try:
+        cfg = config_to_dict(config_from_dict(cfg))
+    except ConfigError as err:
+        raise GridError(err.key, err.message, where) from None
+    space = data["space"]
+    _check_space(cfg, space, where)
+    metric = data.get("metric", "val_accuracy")
+    return TuneSpec(
+        name=name or data.get("study") or (path.stem if path else "study"),
+        path=path,
+        config=cfg,
+        space=space,
+        metric=metric,
+        direction=data.get("direction") or _default_direction(metric),
+        n_trials=int(data.get("n_trials", 8)),
+        sampler=data.get("sampler") or {},
+        pruner=data.get("pruner") or {},
+        description=data.get("description", ""),
+    )
+
+
+def _check_space(cfg: dict[str, Any], space: dict[str, Any], where: Any) -> None:
+    """Every bound and choice must give a valid run config: a bad space fails before any trial runs."""
+    for key, dist in space.items():
+        if dist["type"] == "categorical":
+            probes = dist["choices"]
+        else:
+            if dist["low"] > dist["high"]:
+                raise GridError(f"space.{key}.low", f"low {dist['low']} > high {dist['high']}", where)
+            if dist.get("log") and dist["low"] <= 0:
+                raise GridError(f"space.{key}.low", "a log-scaled range needs low > 0", where)
+            if dist["type"] == "int" and not all(float(dist[b]).is_integer() for b in ("low", "high")):
+                raise GridError(f"space.{key}", "an int range needs integer low and high", where)
+            probes = [dist["low"], dist["high"]]
+        for value in probes:
+            probe = copy.deepcopy(cfg)
+            try:
+                set_key(probe, key, value, key)
+                config_from_dict(probe)
+            except ConfigError as err:
+                raise GridError(f"space.{key}", f"value {value!r}: {err.key}: {err.message}", where) from None
+            except Exception as err:  # a dotted key that runs into a non-mapping
+                raise GridError(f"space.{key}", str(err), where) from None
+
+
+# --------------------------------------------------------------------------- storage and study
+
+
+def make_storage(storage: str | None, out_dir: str | Path) -> Any:
+    """None: a journal file in ``out_dir``; a URL with ``://``: a database; any other string: a journal path."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if storage and "://" in storage:
+        kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+        return RDBStorage(storage, engine_kwargs=kwargs)
+    path = Path(storage) if storage else Path(out_dir) / "optuna.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # An open(O_EXCL) lock file works on local disks and network file systems alike.
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _sampler(spec: TuneSpec) -> optuna.samplers.BaseSampler:
+    kind = spec.sampler.get("kind", "tpe")
+    seed = spec.sampler.get("seed")
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    startup = spec.sampler.get("n_startup_trials", min(10, max(2, spec.n_trials // 3)))
+    # Distinct seeds per worker: identical seeds would make parallel workers propose the same points.
+    if seed is not None:
+        seed = seed + os.getpid() % 10007
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def _pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
+    kind = spec.pruner.get("kind", "median")
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=spec.pruner.get("min_resource", "auto"),
+            reduction_factor=spec.pruner.get("reduction_factor", 3),
+        )
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=spec.pruner.get("n_startup_trials", 2),
+        n_warmup_steps=spec.pruner.get("n_warmup_steps", 0),
+    )
+
+
+def open_study(spec: TuneSpec, storage: Any, create: bool = True) -> optuna.Study:
+    return (optuna.create_study if create else optuna.load_study)(
+        study_name=spec.name,
+        storage=storage,
+        sampler=_sampler(spec),
+        pruner=_pruner(spec),
+        **({"direction": spec.direction, "load_if_exists": True} if create else {}),
+    )
+
+
+def init_study(
+    spec: TuneSpec, storage: Any, out_dir: str | Path, track: bool = True, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Create the study (idempotent) and its MLflow parent run; write ``out_dir/study.json``."""
+    study = open_study(spec, storage)
+    parent = study.user_attrs.get(STUDY_ATTR_PARENT)
+    if track and not parent:
+        parent = _create_parent_run(spec, tracking_uri)
+        study.set_user_attr(STUDY_ATTR_PARENT, parent)
+    info = {
+        "study": spec.name,
+        "direction": spec.direction,
+        "metric": spec.metric,
+        "n_trials": spec.n_trials,
+        "mlflow_parent_run_id": parent,
+        "experiment": spec.experiment,
+    }
+    _write_atomic(Path(out_dir) / "study.json", json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _create_parent_run(spec: TuneSpec, tracking_uri: str | None) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
+    exp = client.get_experiment_by_name(spec.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    run = client.create_run(
+        exp_id,
+        run_name=spec.name,
+        tags={"palimpsa.role": "study", "optuna.study": spec.name, "optuna.metric": spec.metric},
+    )
+    client.log_param(run.info.run_id, "n_trials", spec.n_trials)
+    for key, dist in spec.space.items():
+        client.log_param(run.info.run_id, f"space.{key}", json.dumps(dist, sort_keys=True))
+    client.set_terminated(run.info.run_id, "FINISHED")  # children attach by tag; the parent holds summaries
+    return run.info.run_id
+
+
+def _default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _suggest(trial: optuna.Trial, key: str, dist: dict[str, Any]) -> Any:
+    kind = dist["type"]
+    if kind == "categorical":
+        return trial.suggest_categorical(key, dist["choices"])
+    if kind == "int":
+        return trial.suggest_int(
+            key, int(dist["low"]), int(dist["high"]), step=int(dist.get("step", 1)), log=dist.get("log", False)
+        )
+    return trial.suggest_float(
+        key, float(dist["low"]), float(dist["high"]), step=dist.get("step"), log=dist.get("log", False)
+    )
+
+
+def trial_config(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(spec.config)
+    for key, value in params.items():
+        set_key(cfg, key, value, key)
+    return cfg
+
+
+def _alive(host: str | None, pid: int | None) -> bool:
+    if host != socket.gethostname() or not pid:
+        return True  # another machine's worker: assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """A worker killed mid-trial leaves it RUNNING forever; fail those of dead local processes."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _alive(t.user_attrs.get("host"), t.user_attrs.get("pid")):
+            study._storage.set_trial_user_attr(t._trial_id, "stale", True)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _counted(study: optuna.Study) -> int:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("stale")]
+    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    return len(done) + len(running)
+
+
+def make_objective(
+    spec: TuneSpec, out_dir: Path, parent_run_id: str | None, track: bool, tracking_uri: str | None
+) -> Any:
+    from palimpsa.training import train  # the core trainer; imported lazily to keep `--help` fast
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = {key: _suggest(trial, key, dist) for key, dist in spec.space.items()}
+        cfg_dict = trial_config(spec, params)
+        run_dir = out_dir / "trials" / f"{trial.number:04d}"
+        cfg_dict["name"] = f"{spec.name}-trial{trial.number:04d}"
+        cfg_dict["tracking"].update(
+            enabled=track,
+            experiment=spec.experiment,
+            run_name=f"{spec.name}-trial{trial.number:04d}",
+            parent_run_id=parent_run_id,
+            tags={
+                **cfg_dict["tracking"].get("tags", {}),
+                "palimpsa.role": "trial",
+                "optuna.study": spec.name,
+                "optuna.trial": str(trial.number),
+            },
+        )
+        if tracking_uri:
+            cfg_dict["tracking"]["tracking_uri"] = tracking_uri
+        cfg = config_from_dict(cfg_dict, source=f"{spec.path or spec.name} (trial {trial.number})")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        trial.set_user_attr("run_dir", str(run_dir))
+
+        def on_eval(step: int, metrics: dict[str, Any]) -> None:
+            value = metrics.get(spec.metric)
+            if value is None or not math.isfinite(float(value)):
+                return
+            trial.report(float(value), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: {spec.metric} = {float(value):.4g}")
+
+        result = train(cfg, run_dir, on_eval=on_eval)
+        if result.get("mlflow_run_id"):
+            trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+        status = str(result.get("status", "FINISHED")).upper()
+        value = result.get(f"best_{spec.metric}", result.get(spec.metric))
+        if status not in ("FINISHED", "COMPLETED", "OK") or value is None or not math.isfinite(float(value)):
+            raise RuntimeError(f"trial {trial.number} ended {status} with {spec.metric} = {value}")
+        return float(value)
+
+    return objective
+
+
+def run_worker(
+    spec: TuneSpec,
+    storage: Any,
+    out_dir: str | Path,
+    n_trials: int | None = None,
+    track: bool = True,
+    tracking_uri: str | None = None,
+) -> dict[str, int]:
+    """Run trials until the study holds ``n_trials`` (counting other workers' trials); return this worker's tally."""
+    out_dir = Path(out_dir)
+    total = n_trials or spec.n_trials
+    study = open_study(spec, storage)
+    _fail_stale_trials(study)
+    parent = study.user_attrs.get(STUDY_ATTR_PARENT)
+    objective = make_objective(spec, out_dir, parent, track, tracking_uri)
+    mine: dict[str, int] = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    while _counted(study) < total:
+        before = {t.number for t in study.get_trials(deepcopy=False)}
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        for t in study.get_trials(deepcopy=False):
+            if t.number not in before and t.user_attrs.get("pid") == os.getpid() and t.state.name in mine:
+                mine[t.state.name] += 1
+    return mine
+
+
+# --------------------------------------------------------------------------- best parameters and tables
+
+
+def write_best(spec: TuneSpec, storage: Any, out_dir: str | Path, tracking_uri: str | None = None) -> dict:
+    """Write ``best.yaml`` (dotted overrides + provenance) and ``trials.parquet``; log the best to MLflow."""
+    out_dir = Path(out_dir)
+    study = open_study(spec, storage, create=False)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise GridError("", f"study {spec.name!r} has no complete trial ({counts}); see the trial logs", out_dir)
+    best = study.best_trial
+    overrides = {key: best.params[key] for key in spec.space}
+    best_doc = {
+        "study": spec.name,
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "value": float(best.value),
+        "trial": best.number,
+        "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+        "trials": {k: v for k, v in counts.items() if v},
+        "overrides": overrides,
+    }
+    header = (
+        f"# Best trial of study {spec.name} ({spec.metric} = {best.value:.4g}, {spec.direction}).\n"
+        f"# A grid uses these values with: overrides_from: {out_dir / 'best.yaml'}\n"
+    )
+    _write_atomic(out_dir / "best.yaml", header + yaml.safe_dump(best_doc, sort_keys=False))
+    _write_trials_table(study, spec, out_dir)
+    parent = study.user_attrs.get(STUDY_ATTR_PARENT)
+    if parent:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
+        client.log_metric(parent, f"best_{spec.metric}", float(best.value))
+        for key, value in overrides.items():
+            client.set_tag(parent, f"best.{key}", str(value))
+        for state, count in counts.items():
+            client.log_metric(parent, f"trials_{state}", count)
+    return best_doc
+
+
+def _write_trials_table(study: optuna.Study, spec: TuneSpec, out_dir: Path) -> None:
+    import polars as pl
+
+    rows, curves = [], []
+    for t in study.get_trials(deepcopy=False):
+        row = {
+            "study": spec.name,
+            "trial": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+        }
+        row.update({f"param.{k}": t.params.get(k) for k in spec.space})
+        rows.append(row)
+        curves += [
+            {"study": spec.name, "trial": t.number, "state": t.state.name, "step": s, spec.metric: v}
+            for s, v in sorted(t.intermediate_values.items())
+        ]
+    pl.DataFrame(rows, infer_schema_length=None).write_parquet(out_dir / "trials.parquet")
+    schema = {"study": pl.String, "trial": pl.Int64, "state": pl.String, "step": pl.Int64, spec.metric: pl.Float64}
+    pl.DataFrame(curves, schema=schema).write_parquet(out_dir / "trial_curves.parquet")
+
+
+def run_study(
+    base_cfg: dict[str, Any] | str | Path,
+    space: dict[str, Any] | str | Path,
+    study_name: str,
+    storage: str | None,
+    n_trials: int,
+    out_dir: str | Path,
+    *,
+    metric: str = "val_accuracy",
+    direction: str | None = None,
+    pruner: dict[str, Any] | None = None,
+    sampler: dict[str, Any] | None = None,
+    track: bool = True,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """One-call study: create, run ``n_trials`` in this process, write best.yaml; return the best doc.
+
+    ``space`` is a mapping (or YAML file) of dotted key -> distribution, or a whole study spec.
+    """
+    if isinstance(space, (str, Path)):
+        space = yaml.safe_load(Path(space).read_text())
+    spec_dict = dict(space) if "space" in space else {"space": space}
+    spec_dict.update(base=base_cfg if isinstance(base_cfg, dict) else str(base_cfg), metric=metric)
+    spec_dict.update(n_trials=n_trials, study=study_name)
+    if direction:
+        spec_dict["direction"] = direction
+    if pruner is not None:
+        spec_dict["pruner"] = pruner
+    if sampler is not None:
+        spec_dict["sampler"] = sampler
+    spec = load_tune_spec(spec_dict)
+    store = make_storage(storage, out_dir)
+    init_study(spec, store, out_dir, track=track, tracking_uri=tracking_uri)
+    run_worker(spec, store, out_dir, n_trials, track=track, tracking_uri=tracking_uri)
+    return write_best(spec, store, out_dir, tracking_uri=tracking_uri)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``palimpsa tune SPEC``: run an Optuna study (or one stage of it, for parallel workflow jobs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="palimpsa tune", description=main.__doc__)
+    parser.add_argument("spec", help="study spec YAML (ablations/tune-*.yaml)")
+    parser.add_argument("--out", help="output folder (default results/tuning/<study>)")
+    parser.add_argument("--storage", help="journal file path or database URL (default: <out>/optuna.journal)")
+    parser.add_argument("--n-trials", type=int, help="total trials in the study (default: the spec's)")
+    parser.add_argument("--stage", choices=["all", "init", "work", "best"], default="all")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override on every trial")
+    parser.add_argument("--no-track", action="store_true", help="no MLflow runs")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite)")
+    parser.add_argument("--done-file", help="write this worker's tally as JSON here (workflow marker)")
+    args = parser.parse_args(argv)
+    try:
+        extra = {}
+        for item in args.set:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise GridError("", f"override {item!r} is not of the form key=value", "--set")
+            extra[key] = yaml.safe_load(text)
+        spec = load_tune_spec(args.spec, extra=extra)
+        out_dir = Path(args.out or f"results/tuning/{spec.name}")
+        storage = make_storage(args.storage, out_dir)
+        track = not args.no_track
+        if args.stage in ("all", "init"):
+            init_study(spec, storage, out_dir, track=track, tracking_uri=args.tracking_uri)
+        if args.stage in ("all", "work"):
+            tally = run_worker(spec, storage, out_dir, args.n_trials, track=track, tracking_uri=args.tracking_uri)
+            print(f"{spec.name}: this worker ran {tally}", file=sys.stderr)
+            if tally["FAIL"] and not (tally["COMPLETE"] or tally["PRUNED"]):
+                print(f"error: every trial of this worker failed; see {out_dir}/trials/*/", file=sys.stderr)
+                return 1
+            if args.done_file:
+                _write_atomic(Path(args.done_file), json.dumps(tally) + "\n")
+        if args.stage in ("all", "best"):
+            best = write_best(spec, storage, out_dir, tracking_uri=args.tracking_uri)
+            print(f"{spec.name}: best {spec.metric} = {best['value']:.4g} with {best['overrides']}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "TuneSpec",
+    "init_study",
+    "load_tune_spec",
+    "make_storage",
+    "read_overrides",
+    "run_study",
+    "run_worker",
+    "write_best",
+]

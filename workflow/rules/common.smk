@@ -1,0 +1,128 @@
+# Config validation, grid expansion and target lists shared by every rule file.
+#
+# Everything here runs when Snakemake parses the workflow: a malformed workflow config, grid or
+# study spec stops the run before any job starts, with one line naming the file and the key.
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # the checkout's palimpsa package, installed or not
+
+from palimpsa.config import ConfigError  # noqa: E402
+from palimpsa.grid import load_grid, schema_errors  # noqa: E402
+from palimpsa.tuning import load_tune_spec  # noqa: E402
+
+PY = sys.executable  # jobs run in the interpreter that runs Snakemake
+
+
+def _user_error(message):
+    """Stop at parse time with one clear line and no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_sources():
+    files = [str(f) for f in getattr(workflow, "configfiles", [])] or ["workflow/config.yaml"]
+    return " + ".join(dict.fromkeys(files))
+
+
+_errors = schema_errors(config, "config.schema.yaml")
+if _errors:
+    _user_error(f"{_config_sources()}: {_errors[0][0] or '(top level)'}: {_errors[0][1]}")
+config.setdefault("run_overrides", {})
+config.setdefault("data_cache", "results/data")
+config["tuning"].setdefault("workers", 1)
+config["tuning"].setdefault("storage", None)
+config["tuning"].setdefault("n_trials", None)
+config["report"].setdefault("module", "reports.build")
+
+RESULTS = config["results"].rstrip("/")
+RUNS = f"{RESULTS}/runs"
+TUNING = f"{RESULTS}/tuning"
+TABLES = f"{RESULTS}/tables"
+DATA_CACHE = config["data_cache"]
+TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
+MLFLOW_READY = f"{RESULTS}/meta/mlflow-store.json"
+RUN_OVERRIDES = config["run_overrides"]
+
+# The launcher gives each job its own CUDA_VISIBLE_DEVICES (one free slot per requested gpu) and
+# hides the GPUs from jobs that request none; under SLURM it leaves the allocation alone.
+LAUNCH = f"{PY} workflow/scripts/gpu_slot.py --gpus {{resources.gpu}} --"
+
+# --------------------------------------------------------------------------- grids
+
+GRIDS = {}
+try:
+    for _ref in config["grids"]:
+        _grid = load_grid(_ref, extra=RUN_OVERRIDES)
+        if _grid.name in GRIDS:
+            _user_error(f"{_config_sources()}: grids: two grids named {_grid.name!r} ({_ref})")
+        GRIDS[_grid.name] = _grid
+    STUDIES = {}
+    for _ref in config["tuning"]["studies"]:
+        _spec = load_tune_spec(_ref, extra=RUN_OVERRIDES)
+        if _spec.name in STUDIES:
+            _user_error(f"{_config_sources()}: tuning.studies: two studies named {_spec.name!r} ({_ref})")
+        STUDIES[_spec.name] = _spec
+except ConfigError as _err:
+    _user_error(str(_err))
+
+
+def point_dir(grid, point):
+    return f"{RUNS}/{grid}/{point}"
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def data_key(cfg):
+    """One dataset per (task config, seed): what palimpsa.tasks.build_task caches."""
+    payload = json.dumps({"task": cfg["task"], "seed": cfg["seed"]}, sort_keys=True, default=str)
+    return f"{cfg['task']['name']}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+DATASETS = {}
+for _grid in GRIDS.values():
+    for _p in _grid.points:
+        DATASETS.setdefault(data_key(_p.config), {"task": _p.config["task"], "seed": _p.config["seed"]})
+for _spec in STUDIES.values():
+    DATASETS.setdefault(data_key(_spec.config), {"task": _spec.config["task"], "seed": _spec.config["seed"]})
+
+
+def data_marker(cfg):
+    return f"{DATA_CACHE}/ready/{data_key(cfg)}.json"
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def run_metrics():
+    return [f"{point_dir(g.name, p.point_id)}/metrics.json" for g in GRIDS.values() for p in g.points]
+
+
+def tuning_outputs():
+    return [f"{TUNING}/{s}/best.yaml" for s in STUDIES]
+
+
+def table_outputs():
+    return [f"{TABLES}/runs.parquet", f"{TABLES}/curves.parquet"] if GRIDS else []
+
+
+def all_targets():
+    targets = run_metrics() + tuning_outputs() + table_outputs()
+    if config["report"]["enabled"]:
+        targets.append(f"{RESULTS}/report/index.html")
+    return targets
+
+
+wildcard_constraints:
+    grid="|".join(map(re.escape, GRIDS)) or "NO_GRID",
+    point=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    study="|".join(map(re.escape, STUDIES)) or "NO_STUDY",
+    worker=r"\d+",
+    key=r"[A-Za-z0-9_.+-]+",

@@ -1,0 +1,27 @@
+# Shared state that must exist once before training jobs start: the MLflow store and the datasets.
+
+
+rule mlflow_store:
+    """Create the MLflow store once: parallel jobs racing to create a SQLite schema corrupt it."""
+    output:
+        MLFLOW_READY,
+    log:
+        f"{RESULTS}/meta/mlflow-store.log",
+    localrule: True
+    shell:
+        "{PY} workflow/scripts/mlflow_store.py init --tracking-uri '{TRACKING_URI}' --out {output} > {log} 2>&1"
+
+
+rule dataset:
+    """Generate one task dataset (per task config and seed) into the shared cache, once."""
+    output:
+        f"{DATA_CACHE}/ready/{{key}}.json",
+    params:
+        spec=lambda w: json.dumps(DATASETS[w.key], sort_keys=True),
+    log:
+        f"{DATA_CACHE}/ready/{{key}}.log",
+    threads: 1
+    resources:
+        gpu=0,
+    shell:
+        "{PY} workflow/scripts/build_data.py --spec {params.spec:q} --cache {DATA_CACHE} --out {output} > {log} 2>&1"

@@ -1,0 +1,35 @@
+# One tidy results table over every grid point (polars, parquet), the curves, and the report.
+
+
+rule collect:
+    """runs.parquet: one row per point (grid, axes, config, metrics); curves.parquet: one row per eval."""
+    input:
+        metrics=run_metrics(),
+    output:
+        runs=f"{TABLES}/runs.parquet",
+        curves=f"{TABLES}/curves.parquet",
+    log:
+        f"{TABLES}/collect.log",
+    localrule: True
+    shell:
+        "{PY} -m palimpsa.results --runs-out {output.runs} --curves-out {output.curves}"
+        " {input.metrics} > {log} 2>&1"
+
+
+rule report:
+    """Render the report from the tables and the tuning outputs (module: config report.module)."""
+    input:
+        runs=table_outputs(),
+        tuning=tuning_outputs(),
+    output:
+        f"{RESULTS}/report/index.html",
+    params:
+        module=config["report"]["module"],
+        table=f"{TABLES}/runs.parquet",
+        curves=f"{TABLES}/curves.parquet",
+    log:
+        f"{RESULTS}/report/build.log",
+    localrule: True
+    shell:
+        "MLFLOW_TRACKING_URI='{TRACKING_URI}' {PY} -m {params.module} --table {params.table}"
+        " --curves {params.curves} --tuning {TUNING} --out {output} > {log} 2>&1"

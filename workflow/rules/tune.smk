@@ -1,0 +1,67 @@
+# Optuna studies: one init job, N parallel worker jobs on the same storage, one job for best.yaml.
+
+
+def _storage_arg(study):
+    url = config["tuning"]["storage"]
+    return f"--storage {shlex.quote(url)}" if url else ""
+
+
+def _tune_cmd(study, stage):
+    overrides = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in RUN_OVERRIDES.items())
+    n_trials = config["tuning"]["n_trials"]
+    return (
+        f"MLFLOW_TRACKING_URI='{TRACKING_URI}' PALIMPSA_DATA_CACHE={DATA_CACHE} "
+        f"{PY} -m palimpsa.tuning {shlex.quote(str(STUDIES[study].path))} --stage {stage}"
+        f" --out {TUNING}/{study} {_storage_arg(study)} {overrides}"
+        + (f" --n-trials {n_trials}" if n_trials else "")
+    )
+
+
+rule tune_init:
+    """Create the study and its MLflow parent run once, before the workers race for it."""
+    input:
+        MLFLOW_READY,
+    output:
+        f"{TUNING}/{{study}}/study.json",
+    params:
+        cmd=lambda w: _tune_cmd(w.study, "init"),
+    log:
+        f"{TUNING}/{{study}}/init.log",
+    localrule: True
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule tune_worker:
+    """One worker: runs trials until the study holds n_trials (other workers' trials count)."""
+    input:
+        study=f"{TUNING}/{{study}}/study.json",
+        data=lambda w: data_marker(STUDIES[w.study].config),
+    output:
+        f"{TUNING}/{{study}}/worker-{{worker}}.json",
+    params:
+        cmd=lambda w: _tune_cmd(w.study, "work"),
+    log:
+        f"{TUNING}/{{study}}/worker-{{worker}}.log",
+    threads: 1
+    resources:
+        gpu=0,
+    shell:
+        LAUNCH + " {params.cmd} --done-file {output} > {log} 2>&1"
+
+
+rule tune_best:
+    """Best parameters as dotted overrides (grids reference them with overrides_from) + trials table."""
+    input:
+        lambda w: expand(f"{TUNING}/{w.study}/worker-{{i}}.json", i=range(config["tuning"]["workers"])),
+    output:
+        best=f"{TUNING}/{{study}}/best.yaml",
+        trials=f"{TUNING}/{{study}}/trials.parquet",
+        curves=f"{TUNING}/{{study}}/trial_curves.parquet",
+    params:
+        cmd=lambda w: _tune_cmd(w.study, "best"),
+    log:
+        f"{TUNING}/{{study}}/best.log",
+    localrule: True
+    shell:
+        "{params.cmd} > {log} 2>&1"
