@@ -31,6 +31,8 @@ try:  # single-token decode kernel for GPU inference; optional
 except ImportError:  # pragma: no cover - depends on the kernels present
     fused_recurrent_palimpsa = None
 
+ALPHA_FLOOR = 1e-6  # paper gates: alpha >= this, so log alpha stays finite
+
 
 def abs_with_unit_slope(g: Tensor) -> Tensor:
     """``|g|`` whose derivative at ``g == 0`` is ``+1`` (torch's ``abs`` gives 0 there).
@@ -80,10 +82,10 @@ class _MetaplasticBase(MixerShell):
         raise NotImplementedError
 
     def backend_name(self, device: torch.device | str) -> str:
-        requested = self.cfg.backend
-        if requested == "auto":
-            requested = "triton" if torch.device(device).type == "cuda" else "reference"
-        return f"palimpsa:{requested}"
+        """``palimpsa:<impl>`` with the implementation the op resolves to (triton, chunk or reference)."""
+        from kernels.palimpsa.ops import resolve_backend
+
+        return f"palimpsa:{resolve_backend(self.cfg.backend, torch.device(device))}"
 
     def core(self, x, q, k, v, state, output_final_state):
         r = self.recurrence_inputs(x, v)
@@ -136,9 +138,10 @@ class Palimpsa(_MetaplasticBase):
             _, log_alpha = self.dt_gate(x)
             return log_alpha, torch.sigmoid(self.w_bs(x))
         gamma = torch.sigmoid(self.w_gamma(x))
-        # N_h >= 1 keeps alpha = 1 - gamma / N in (0, 1) even when n_init * exp(logN) drifts below 1.
+        # N_h >= 1 keeps alpha = 1 - gamma / N in (0, 1) even when n_init * exp(logN) drifts below 1; the
+        # floor on alpha matters only where sigmoid saturates to 1 in finite precision (log 0 = -inf).
         N = (self.cfg.n_init * self.logN.exp()).clamp_min(1.0)
-        return torch.log1p(-gamma / N), gamma
+        return torch.log1p(-(gamma / N).clamp_max(1 - ALPHA_FLOOR)), gamma
 
     def recurrence_inputs(self, x: Tensor, v: Tensor) -> dict[str, Tensor]:
         log_alpha, factor = self.forget(x)
