@@ -34,11 +34,17 @@ class BuildResult:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("sources")
-    src.add_argument("--runs", type=Path, help="runs table (parquet), one row per run")
+    src.add_argument(
+        "--runs", "--table", dest="runs", type=Path, help="runs table (parquet), one row per run"
+    )
     src.add_argument("--curves", type=Path, help="curves table (parquet): run_id, step, key, value")
     src.add_argument("--tracking-uri", help="read the MLflow store at this URI instead of parquet tables")
     src.add_argument("--experiments", help="comma-separated MLflow experiment (grid) names; default: all")
-    src.add_argument("--tuning", help="Optuna trials table (parquet) or an Optuna storage URL (with --study)")
+    src.add_argument(
+        "--tuning",
+        help="Optuna trials table (parquet), a folder of <study>/trials.parquet, "
+        "or a storage URL (with --study)",
+    )
     src.add_argument("--study", help="Optuna study name when --tuning is a storage URL")
     p.add_argument("--metric", help="quality column (default: val_accuracy, else val_loss)")
     p.add_argument("--title", default="Palimpsa: why performance shifts with scale")
@@ -95,12 +101,10 @@ def build(args: argparse.Namespace) -> BuildResult:
     results = figs.render_all(prep, tuning)
     findings = fnd.compute_findings(prep)
     for res in results:
-        if res.figure is not None:
-            res.save(fig_dir)
+        res.save(fig_dir)
     (out.parent / "findings.json").write_text(json.dumps([f.to_dict() for f in findings], indent=1))
     prep.selected.write_parquet(out.parent / "selected.parquet")
     out.write_text(html.render(args.title, prep, results, findings, source, tuning))
-    figs.close_all(results)
     return BuildResult(out=out, figures=results, findings=findings, prepared=prep)
 
 
@@ -114,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportInputError, TuningInputError) as err:
         print(f"reports.build: error: {err}", file=sys.stderr)
         return 2
-    with_data = [r for r in result.figures if r.figure is not None or r.path is not None]
+    with_data = [r for r in result.figures if r.has_data]
     skipped = [r for r in result.figures if r.skipped]
     print(
-        f"wrote {result.out}: {len(with_data)} figures, {len(skipped)} skipped, {len(result.findings)} findings"
+        f"wrote {result.out}: {len(with_data)} figures, {len(skipped)} skipped, {len(result.findings)} "
+        "findings"
     )
     for r in skipped:
         print(f"  skipped {r.name}: {r.skipped}")
     if len(with_data) < args.min_figures:
         print(
-            f"reports.build: error: only {len(with_data)} figures have data (--min-figures {args.min_figures})",
+            f"reports.build: error: only {len(with_data)} figures have data (--min-figures "
+            f"{args.min_figures})",
             file=sys.stderr,
         )
         return 1

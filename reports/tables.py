@@ -29,7 +29,14 @@ KIND_NAMES = {
     "linear_attention": "Linear attention",
     "attention": "Transformer++",
 }
-SIZE_COLUMNS = ("model.d_model", "model.n_layers")
+# What makes a model bigger or smaller (its scale and its state), as opposed to what makes it different.
+SIZE_COLUMNS = (
+    "model.d_model",
+    "model.n_layers",
+    "model.mixer.num_heads",
+    "model.mixer.head_k_dim",
+    "model.mixer.head_v_dim",
+)
 CONFIG_PREFIXES = ("model.", "task.", "train.")
 # Config columns that do not change what is learned (where and how a run executes).
 NUISANCE_COLUMNS = {
@@ -92,6 +99,73 @@ def empty_curves() -> pl.DataFrame:
     return pl.DataFrame(schema={"run_id": pl.String, "step": pl.Int64, "key": pl.String, "value": pl.Float64})
 
 
+RUN_PREFIXES = ("cfg.", "metric.")  # palimpsa.results' column prefixes; config wins over metrics
+
+
+def _run_id_expr(columns: list[str]) -> pl.Expr | None:
+    if "grid" in columns and "point" in columns:
+        return pl.concat_str(pl.col("grid"), pl.lit("/"), pl.col("point"))
+    if "mlflow_run_id" in columns:
+        return pl.col("mlflow_run_id")
+    return None
+
+
+def normalise_runs(runs: pl.DataFrame) -> pl.DataFrame:
+    """One schema whatever the exporter: ``model.d_model``, ``val_accuracy``, ``run_id``, ``experiment``.
+
+    Accepts the bare layout (dotted config keys and metric names as columns) and the prefixed one of
+    ``palimpsa.results`` (``cfg.<key>``, ``metric.<name>``, runs keyed by ``grid``/``point``).
+    """
+    taken = set(runs.columns)
+    renames: dict[str, str] = {}
+    for prefix in RUN_PREFIXES:
+        for col in runs.columns:
+            if col.startswith(prefix):
+                bare = col[len(prefix) :]
+                if bare not in taken:
+                    renames[col] = bare
+                    taken.add(bare)
+    out = runs.rename(renames)
+    if "run_id" not in out.columns:
+        expr = _run_id_expr(out.columns)
+        if expr is None:
+            raise ReportInputError("the runs table has neither run_id nor grid/point nor mlflow_run_id")
+        out = out.with_columns(expr.alias("run_id"))
+    if "experiment" not in out.columns and "grid" in out.columns:
+        out = out.with_columns(pl.col("grid").alias("experiment"))
+    return out
+
+
+CURVE_ID_COLUMNS = ("run_id", "grid", "point", "step", "study", "trial", "state", "mlflow_run_id")
+
+
+def normalise_curves(curves: pl.DataFrame) -> pl.DataFrame:
+    """Long ``run_id, step, key, value`` from either the long layout or a wide one row per eval."""
+    if curves.height == 0:
+        return empty_curves()
+    if {"run_id", "step", "key", "value"} <= set(curves.columns):
+        return curves.select(
+            "run_id",
+            pl.col("step").cast(pl.Int64),
+            pl.col("key").cast(pl.String),
+            pl.col("value").cast(pl.Float64),
+        )
+    if "step" not in curves.columns:
+        raise ReportInputError("the curves table has no step column")
+    if "run_id" not in curves.columns:
+        expr = _run_id_expr(curves.columns)
+        if expr is None:
+            raise ReportInputError("the curves table has neither run_id nor grid/point")
+        curves = curves.with_columns(expr.alias("run_id"))
+    numeric = [c for c, t in curves.schema.items() if c not in CURVE_ID_COLUMNS and t.is_numeric()]
+    long = curves.select("run_id", "step", *numeric).unpivot(
+        index=["run_id", "step"], variable_name="key", value_name="value"
+    )
+    return long.filter(pl.col("value").is_not_null()).select(
+        "run_id", pl.col("step").cast(pl.Int64), "key", pl.col("value").cast(pl.Float64)
+    )
+
+
 # --------------------------------------------------------------------------- derived columns
 
 
@@ -151,6 +225,8 @@ def pick_metric(runs: pl.DataFrame, metric: str | None) -> str:
 
 def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str | None = None) -> Prepared:
     """Add model/task/size labels, state size and FLOPs, then pick the best lr per model."""
+    runs = normalise_runs(runs)
+    curves = empty_curves() if curves is None else normalise_curves(curves)
     for col in ("run_id", "model.mixer.kind", "seed", "train.lr"):
         if col not in runs.columns:
             raise ReportInputError(f"the runs table lacks the column {col!r}")
@@ -171,7 +247,9 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
 
     config_cols = [c for c in runs.columns if c.startswith(CONFIG_PREFIXES) and c not in NUISANCE_COLUMNS]
     task_cols = _varying(runs, [c for c in config_cols if c.startswith("task.")])
-    size_cols = [c for c in SIZE_COLUMNS if c in runs.columns]
+    size_cols = _varying(runs, [c for c in SIZE_COLUMNS if c in runs.columns]) or [
+        c for c in SIZE_COLUMNS[:1] if c in runs.columns
+    ]
     variant_cols = [
         c for c in _varying(runs, [c for c in config_cols if not c.startswith("task.")]) if c not in size_cols
     ]
@@ -216,7 +294,6 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
     higher = metric not in LOWER_IS_BETTER and not metric.endswith("loss")
     runs = deduplicate(runs)
     selected, lr_choice = select_best_lr(runs, higher)
-    curves = empty_curves() if curves is None else curves
     return Prepared(
         runs=runs,
         selected=selected,

@@ -1,0 +1,186 @@
+"""Comparisons shared by figures and findings: per-model means, paired ablation deltas, curves at a budget.
+
+Everything here works on the best-lr selection of :mod:`reports.tables`, so a figure and the
+sentence that describes it can never disagree on which runs they mean.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import polars as pl
+
+from reports.compute import METAPLASTIC_KINDS
+from reports.tables import Prepared, size_order
+
+TIME_KEYS = ("wall_seconds", "elapsed_seconds", "time_seconds", "wall_time")
+DIAG_SUMMARY = {
+    "diag.consolidated": "fraction consolidated",
+    "diag.lr_eff": "effective learning rate 1/I",
+    "diag.horizon": "memory horizon (tokens)",
+}
+LAYER_DIAG = re.compile(r"^diag\.l(\d+)\.([a-z_]+)$")
+
+
+def model_means(prep: Prepared, column: str = "quality") -> pl.DataFrame:
+    """Mean, sd and seed count of ``column`` per (task, size, model) over ALL seeds at the best lr."""
+    sel = prep.selected.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan())
+    return (
+        sel.group_by("task", "size", "model", "model.mixer.kind", "config_key", "train.lr")
+        .agg(
+            pl.col(column).mean().alias("mean"),
+            pl.col(column).std().alias("std"),
+            pl.col("seed").n_unique().alias("n"),
+            pl.col("run_id").sort().alias("run_ids"),
+            pl.col("num_params").mean().alias("num_params") if "num_params" in sel.columns else pl.lit(None),
+        )
+        .sort("task", "size", "model")
+    )
+
+
+def main_label(prep: Prepared, kind: str) -> str | None:
+    """The label of ``kind`` with every ablation setting at its default (fewest descriptors, most runs)."""
+    rows = prep.selected.filter(pl.col("model.mixer.kind") == kind)
+    if rows.height == 0:
+        return None
+    counts = rows.group_by("model").agg(pl.len().alias("n")).to_dicts()
+    counts.sort(key=lambda r: ("(" in r["model"], r["model"].count(","), -r["n"], r["model"]))
+    return counts[0]["model"]
+
+
+def paired_delta(prep: Prepared, column: str, a_value, b_value, kinds=METAPLASTIC_KINDS) -> pl.DataFrame:
+    """Quality of configs with ``column == a_value`` minus their twins with ``b_value``, all else equal.
+
+    The delta is oriented so that positive means "a is better" (loss differences are negated).
+    """
+    if column not in prep.selected.columns:
+        return pl.DataFrame()
+    other = [c for c in prep.variant_columns if c != column]
+    twin_cols = ["task", "size", "model.mixer.kind", *other]
+    sel = prep.selected.filter(pl.col("model.mixer.kind").is_in(list(kinds)))
+    stats = sel.group_by("config_key").agg(
+        pl.col("quality").mean().alias("mean"),
+        pl.col("quality").std().alias("std"),
+        pl.col("seed").n_unique().alias("n"),
+        pl.col("run_id").sort().alias("run_ids"),
+        *[pl.col(c).first() for c in ["model", column, *twin_cols]],
+    )
+    a = stats.filter(pl.col(column) == a_value)
+    b = stats.filter(pl.col(column) == b_value)
+    if a.height == 0 or b.height == 0:
+        return pl.DataFrame()
+    pairs = a.join(b.select(*twin_cols, "model", "mean", "std", "n", "run_ids"), on=twin_cols, suffix="_b")
+    if pairs.height == 0:
+        return pairs
+    return pairs.with_columns(((pl.col("mean") - pl.col("mean_b")) * prep.sign()).alias("delta")).sort(
+        "task", "size"
+    )
+
+
+def sorted_by_size(prep: Prepared, df: pl.DataFrame) -> pl.DataFrame:
+    order = {s: i for i, s in enumerate(size_order(prep))}
+    return df.with_columns(pl.col("size").replace_strict(order, default=-1).alias("_order")).sort(
+        "task", "_order"
+    )
+
+
+def curve_points(prep: Prepared, key: str | None = None) -> pl.DataFrame:
+    """Curve values of the selected runs with the training time and FLOPs spent by each step.
+
+    Time is optimizer-step time (``train_seconds``, spread evenly over the run's steps): the measured
+    cost of training, without process start-up, data generation and evaluation, which are the same
+    for every mixer and would swamp short runs. Runs without it fall back to a logged time curve,
+    then to ``wall_seconds``. FLOPs grow linearly with steps.
+    """
+    key = key or curve_key(prep)
+    if key is None:
+        return pl.DataFrame()
+    curves = prep.curves
+    pts = curves.filter(pl.col("key") == key).select("run_id", "step", "value")
+    info_cols = [
+        "run_id",
+        "task",
+        "size",
+        "model",
+        "seed",
+        "config_key",
+        "steps",
+        "train_seconds",
+        "wall_seconds",
+        "flops",
+    ]
+    info = prep.selected.select([c for c in info_cols if c in prep.selected.columns])
+    pts = pts.join(info, on="run_id", how="inner").sort("run_id", "step")
+    if pts.height == 0:
+        return pts
+    time_key = next((k for k in TIME_KEYS if curves.filter(pl.col("key") == k).height), None)
+    if {"steps", "train_seconds"} <= set(pts.columns) and pts.get_column("train_seconds").null_count() == 0:
+        pts = pts.with_columns((pl.col("step") * pl.col("train_seconds") / pl.col("steps")).alias("wall"))
+    elif time_key is not None:
+        times = curves.filter(pl.col("key") == time_key).select(
+            "run_id", "step", pl.col("value").alias("wall")
+        )
+        pts = pts.join_asof(times.sort("step"), on="step", by="run_id", strategy="backward")
+    elif {"steps", "wall_seconds"} <= set(pts.columns):
+        pts = pts.with_columns((pl.col("step") * pl.col("wall_seconds") / pl.col("steps")).alias("wall"))
+    if {"steps", "flops"} <= set(pts.columns):
+        pts = pts.with_columns((pl.col("step") * pl.col("flops") / pl.col("steps")).alias("flops_at"))
+    return pts
+
+
+def curve_key(prep: Prepared) -> str | None:
+    """The curve holding the report metric (``val_accuracy``), or a close variant of its name."""
+    keys = prep.curves.get_column("key").unique().to_list() if prep.curves.height else []
+    if prep.metric in keys:
+        return prep.metric
+    tail = prep.metric.removeprefix("val_")
+    for k in sorted(keys):
+        if k.startswith("val") and k.endswith(tail):
+            return k
+    return None
+
+
+def values_at_budget(points: pl.DataFrame, x: str) -> pl.DataFrame:
+    """Per run: the last evaluated value at or before the budget of its (task, size) group.
+
+    The budget is the smallest final ``x`` (wall seconds or FLOPs) over the group's runs, so every
+    run is compared at a spend that all of them reached.
+    """
+    if points.height == 0 or x not in points.columns:
+        return pl.DataFrame()
+    pts = points.filter(pl.col(x).is_not_null())
+    final = pts.group_by("task", "size", "run_id").agg(pl.col(x).max().alias("final"))
+    budget = final.group_by("task", "size").agg(pl.col("final").min().alias("budget"))
+    pts = pts.join(budget, on=["task", "size"]).filter(pl.col(x) <= pl.col("budget") * (1 + 1e-9))
+    last = pts.sort("run_id", x).group_by("run_id", maintain_order=True).last()
+    return last.select("task", "size", "model", "seed", "run_id", "step", x, "value", "budget")
+
+
+def layer_diagnostics(prep: Prepared) -> pl.DataFrame:
+    """Long table of per-layer diagnostics of the selected runs: layer, quantity, value."""
+    cols = [c for c in prep.selected.columns if LAYER_DIAG.match(c)]
+    cols = [c for c in cols if prep.selected.get_column(c).drop_nulls().len() > 0]
+    if not cols:
+        return pl.DataFrame()
+    long = prep.selected.select("run_id", "task", "size", "model", "seed", *cols).unpivot(
+        index=["run_id", "task", "size", "model", "seed"], variable_name="column", value_name="value"
+    )
+    long = long.filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan())
+    return long.with_columns(
+        pl.col("column").str.extract(r"^diag\.l(\d+)\.", 1).cast(pl.Int64).alias("layer"),
+        pl.col("column").str.extract(r"^diag\.l\d+\.([a-z_]+)$", 1).alias("quantity"),
+    )
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation, or None when fewer than three points or a constant series."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
