@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kernels.backends import resolve_backend
@@ -15,7 +16,10 @@ def _fla_delta_rule(q, k, v, beta, log_alpha, scale, initial_state, output_final
     if log_alpha is None:
         from fla.ops.delta_rule import chunk_delta_rule
 
-        y, ht = chunk_delta_rule(q, k, v, beta=beta, **common)
+        # fla's ungated chunk kernel refuses float32 inputs: run it in bfloat16, hand back the caller's dtype.
+        low = torch.bfloat16 if q.dtype == torch.float32 else q.dtype
+        y, ht = chunk_delta_rule(q.to(low), k.to(low), v.to(low), beta=beta.to(low), **common)
+        y = y.to(q.dtype)
     else:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
