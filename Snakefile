@@ -9,7 +9,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "workflow/config.yaml"
+configfile: f"{workflow.basedir}/workflow/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -29,6 +29,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,10 @@ AXIS_LABELS = {
     "model.mixer.head_v_dim": "V",
     "model.mixer.num_heads": "H",
     "model.d_model": "d",
-    "model.n_layers": "L",
+    "model.n_layers": "nl",
+    "task.seq_len": "T",
+    "task.num_kv_pairs": "kv",
+    "task.variant": "",
     "model.mixer.ip": "ip",
     "model.mixer.ip_trainable": "iptrain",
     "model.mixer.n_init": "N",
@@ -147,7 +151,13 @@ def set_key(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
         if not isinstance(child, dict):
             raise _KeyFailure(origin, f"{part!r} is not a mapping in the config")
         node = child
-    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+    current = node.get(leaf)
+    # A mapping merges into a mapping, except a different named choice (task: {name: mad, ...}
+    # over task: {name: mqar, ...}): that replaces it, so no key of the old choice lingers.
+    merge = isinstance(value, dict) and isinstance(current, dict)
+    if merge and "name" in value and "name" in current and value["name"] != current["name"]:
+        merge = False
+    if merge:
         for key, sub in value.items():
             set_key(node, f"{leaf}.{key}", sub, origin)
     else:
@@ -227,7 +237,9 @@ def schema_errors(data: Any, schema_name: str) -> list[tuple[str, str]]:
 
     schema = yaml.safe_load(schema_path.read_text())
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), str(list(e.absolute_path))))
+    errors = sorted(
+        validator.iter_errors(data), key=lambda e: (len(e.absolute_path), str(list(e.absolute_path)))
+    )
     out = []
     for err in errors:
         if err.validator in ("oneOf", "anyOf") and err.context:  # name the branch that came closest
@@ -267,7 +279,8 @@ def _load_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
             spec[key] = ref
     if "overrides_from" in spec:
         refs = spec["overrides_from"]
-        spec["overrides_from"] = [str(resolve_path(r, path)) for r in ([refs] if isinstance(refs, str) else refs)]
+        refs = [refs] if isinstance(refs, str) else refs
+        spec["overrides_from"] = [os.path.normpath(resolve_path(r, path)) for r in refs]
     spec["_origin"] = {k: path for k in spec}
     if "extends" not in data:
         return spec
@@ -344,7 +357,9 @@ def _block_choices(block: dict[str, Any], where: str, source: Path) -> list[list
             key = next(iter(k for k in lengths if lengths[k] != next(iter(lengths.values()))))
             raise GridError(f"{gwhere}{key}", f"zipped lists must have equal lengths, got {lengths}", source)
         n = next(iter(lengths.values()))
-        factors.append([[_Assignment(k, v[i], f"{gwhere}{k}", True) for k, v in group.items()] for i in range(n)])
+        factors.append(
+            [[_Assignment(k, v[i], f"{gwhere}{k}", True) for k, v in group.items()] for i in range(n)]
+        )
     for key, values in (block.get("product") or {}).items():
         factors.append([[_Assignment(key, v, f"{where}product.{key}", True)] for v in values])
     for factor_where, seq in _axis_lists(block, where):
@@ -368,7 +383,9 @@ def _reject_duplicate_values(values: list[Any], where: str, source: Path) -> Non
     for value in values:
         text = json.dumps(value, sort_keys=True, default=str)
         if text in seen:
-            raise GridError(where, f"duplicate value {value!r}: the grid would run the same point twice", source)
+            raise GridError(
+                where, f"duplicate value {value!r}: the grid would run the same point twice", source
+            )
         seen.append(text)
 
 
@@ -446,7 +463,10 @@ def load_grid(path: str | Path, extra: dict[str, Any] | None = None, name: str |
         for depth, block in enumerate(blocks):
             bwhere = "" if depth == 0 else _nth_where(member_where, depth)
             src = origin.get("union", path) if depth else origin.get("product", path)
-            fixed += [_Assignment(k, v, f"{bwhere}overrides.{k}", False) for k, v in (block.get("overrides") or {}).items()]
+            fixed += [
+                _Assignment(k, v, f"{bwhere}overrides.{k}", False)
+                for k, v in (block.get("overrides") or {}).items()
+            ]
             per_block.append(_block_choices(block, bwhere, src))
         for combo in itertools.product(*per_block):
             assignments = fixed + sum(combo, [])
@@ -581,8 +601,10 @@ def write_point(
         "overrides_from": list(point.overrides_from),
     }
     for path, text in (
-        (Path(config_out), f"# {grid.name}/{point.point_id}: {grid.description}\n"
-         + yaml.safe_dump(cfg, sort_keys=False)),
+        (
+            Path(config_out),
+            f"# {grid.name}/{point.point_id}: {grid.description}\n" + yaml.safe_dump(cfg, sort_keys=False),
+        ),
         (Path(point_out), json.dumps(meta, indent=1, default=str) + "\n"),
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         for ref in args.grids:
             grid = load_grid(ref)
             if args.json:
-                out.append({"grid": grid.name, "points": [{"id": p.point_id, "axes": p.axes} for p in grid.points]})
+                out.append(
+                    {"grid": grid.name, "points": [{"id": p.point_id, "axes": p.axes} for p in grid.points]}
+                )
             else:
                 print(f"{grid.name}: {len(grid.points)} points ({grid.description})")
                 for p in grid.points:
@@ -614,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `palimpsa grid ... | head`
+        return 0
     if args.json:
         print(json.dumps(out, indent=1, default=str))
     return 0

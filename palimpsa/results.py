@@ -1,7 +1,8 @@
 """Tidy results tables from run folders (polars, parquet).
 
 Each run folder written by the workflow holds ``point.json`` (grid, point id, axis values),
-``config.yaml`` (the full run config), ``metrics.json`` (the trainer's final metrics) and
+``config.yaml`` (the resolved run config the trainer wrote),
+``metrics.json`` (the trainer's final metrics) and
 ``history.jsonl`` (one line per eval). :func:`collect_runs` makes one row per run: identifiers, the
 point's axis values (``axis.<key>``), every config value (``cfg.<dotted key>``) and every final metric
 (``metric.<name>``); :func:`collect_curves` makes one row per (run, eval). Reading folders, not the
@@ -40,6 +41,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
     run_dir = _run_dir(path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     point_file, config_file = run_dir / "point.json", run_dir / "config.yaml"
+    if not config_file.is_file():
+        config_file = run_dir / "run.yaml"
     point = json.loads(point_file.read_text()) if point_file.is_file() else {}
     cfg = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     row: dict[str, Any] = {
@@ -74,7 +77,13 @@ def read_curve(path: str | Path) -> list[dict[str, Any]]:
         for line in history.read_text().splitlines():
             if line.strip():
                 entry = {k: _scalar(v) for k, v in json.loads(line).items()}
-                rows.append({"grid": point.get("grid", run_dir.parent.name), "point": point.get("point", run_dir.name), **entry})
+                rows.append(
+                    {
+                        "grid": point.get("grid", run_dir.parent.name),
+                        "point": point.get("point", run_dir.name),
+                        **entry,
+                    }
+                )
     return rows
 
 

@@ -30,7 +30,11 @@ from palimpsa.config import ConfigError, config_from_dict, config_to_dict
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
-COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+COUNTED_STATES = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
 
 
 @dataclass
@@ -138,7 +142,7 @@ def _check_space(cfg: dict[str, Any], space: dict[str, Any], where: Any) -> None
 
 
 def make_storage(storage: str | None, out_dir: str | Path) -> Any:
-    """None: a journal file in ``out_dir``; a URL with ``://``: a database; any other string: a journal path."""
+    """None: a journal file in ``out_dir``; a URL with ``://``: a database; other strings: a journal path."""
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -247,7 +251,11 @@ def _suggest(trial: optuna.Trial, key: str, dist: dict[str, Any]) -> Any:
         return trial.suggest_categorical(key, dist["choices"])
     if kind == "int":
         return trial.suggest_int(
-            key, int(dist["low"]), int(dist["high"]), step=int(dist.get("step", 1)), log=dist.get("log", False)
+            key,
+            int(dist["low"]),
+            int(dist["high"]),
+            step=int(dist.get("step", 1)),
+            log=dist.get("log", False),
         )
     return trial.suggest_float(
         key, float(dist["low"]), float(dist["high"]), step=dist.get("step"), log=dist.get("log", False)
@@ -289,9 +297,17 @@ def _counted(study: optuna.Study) -> int:
 
 
 def make_objective(
-    spec: TuneSpec, out_dir: Path, parent_run_id: str | None, track: bool, tracking_uri: str | None
+    spec: TuneSpec,
+    out_dir: Path,
+    parent_run_id: str | None,
+    track: bool,
+    tracking_uri: str | None,
+    data_dir: str | Path | None = None,
 ) -> Any:
-    from palimpsa.training import train  # the core trainer; imported lazily to keep `--help` fast
+    from palimpsa.training import StopTraining, train  # imported lazily to keep `--help` fast
+
+    class Pruned(StopTraining):
+        """Optuna's verdict, carried through the trainer (which ends the MLflow run KILLED)."""
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
@@ -315,8 +331,6 @@ def make_objective(
         if tracking_uri:
             cfg_dict["tracking"]["tracking_uri"] = tracking_uri
         cfg = config_from_dict(cfg_dict, source=f"{spec.path or spec.name} (trial {trial.number})")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         trial.set_user_attr("run_dir", str(run_dir))
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
@@ -325,9 +339,12 @@ def make_objective(
                 return
             trial.report(float(value), step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step}: {spec.metric} = {float(value):.4g}")
+                raise Pruned(f"pruned by Optuna at step {step}: {spec.metric} = {float(value):.4g}")
 
-        result = train(cfg, run_dir, on_eval=on_eval)
+        try:
+            result = train(cfg, run_dir, data_dir=data_dir, progress=False, on_eval=on_eval)
+        except Pruned as err:
+            raise optuna.TrialPruned(str(err)) from None
         if result.get("mlflow_run_id"):
             trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
         status = str(result.get("status", "FINISHED")).upper()
@@ -346,14 +363,15 @@ def run_worker(
     n_trials: int | None = None,
     track: bool = True,
     tracking_uri: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, int]:
-    """Run trials until the study holds ``n_trials`` (counting other workers' trials); return this worker's tally."""
+    """Run trials until the study holds ``n_trials`` (all workers' trials count); return my tally."""
     out_dir = Path(out_dir)
     total = n_trials or spec.n_trials
     study = open_study(spec, storage)
     _fail_stale_trials(study)
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
-    objective = make_objective(spec, out_dir, parent, track, tracking_uri)
+    objective = make_objective(spec, out_dir, parent, track, tracking_uri, data_dir)
     mine: dict[str, int] = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     while _counted(study) < total:
         before = {t.number for t in study.get_trials(deepcopy=False)}
@@ -375,7 +393,9 @@ def write_best(spec: TuneSpec, storage: Any, out_dir: str | Path, tracking_uri: 
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise GridError("", f"study {spec.name!r} has no complete trial ({counts}); see the trial logs", out_dir)
+        raise GridError(
+            "", f"study {spec.name!r} has no complete trial ({counts}); see the trial logs", out_dir
+        )
     best = study.best_trial
     overrides = {key: best.params[key] for key in spec.space}
     best_doc = {
@@ -428,7 +448,13 @@ def _write_trials_table(study: optuna.Study, spec: TuneSpec, out_dir: Path) -> N
             for s, v in sorted(t.intermediate_values.items())
         ]
     pl.DataFrame(rows, infer_schema_length=None).write_parquet(out_dir / "trials.parquet")
-    schema = {"study": pl.String, "trial": pl.Int64, "state": pl.String, "step": pl.Int64, spec.metric: pl.Float64}
+    schema = {
+        "study": pl.String,
+        "trial": pl.Int64,
+        "state": pl.String,
+        "step": pl.Int64,
+        spec.metric: pl.Float64,
+    }
     pl.DataFrame(curves, schema=schema).write_parquet(out_dir / "trial_curves.parquet")
 
 
@@ -446,6 +472,7 @@ def run_study(
     sampler: dict[str, Any] | None = None,
     track: bool = True,
     tracking_uri: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """One-call study: create, run ``n_trials`` in this process, write best.yaml; return the best doc.
 
@@ -465,7 +492,7 @@ def run_study(
     spec = load_tune_spec(spec_dict)
     store = make_storage(storage, out_dir)
     init_study(spec, store, out_dir, track=track, tracking_uri=tracking_uri)
-    run_worker(spec, store, out_dir, n_trials, track=track, tracking_uri=tracking_uri)
+    run_worker(spec, store, out_dir, n_trials, track=track, tracking_uri=tracking_uri, data_dir=data_dir)
     return write_best(spec, store, out_dir, tracking_uri=tracking_uri)
 
 
@@ -482,9 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="journal file path or database URL (default: <out>/optuna.journal)")
     parser.add_argument("--n-trials", type=int, help="total trials in the study (default: the spec's)")
     parser.add_argument("--stage", choices=["all", "init", "work", "best"], default="all")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override on every trial")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override on every trial"
+    )
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite)")
+    parser.add_argument("--data-dir", help="cache folder for generated task data")
     parser.add_argument("--done-file", help="write this worker's tally as JSON here (workflow marker)")
     args = parser.parse_args(argv)
     try:
@@ -501,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("all", "init"):
             init_study(spec, storage, out_dir, track=track, tracking_uri=args.tracking_uri)
         if args.stage in ("all", "work"):
-            tally = run_worker(spec, storage, out_dir, args.n_trials, track=track, tracking_uri=args.tracking_uri)
+            tally = run_worker(
+                spec, storage, out_dir, args.n_trials, track, args.tracking_uri, data_dir=args.data_dir
+            )
             print(f"{spec.name}: this worker ran {tally}", file=sys.stderr)
             if tally["FAIL"] and not (tally["COMPLETE"] or tally["PRUNED"]):
                 print(f"error: every trial of this worker failed; see {out_dir}/trials/*/", file=sys.stderr)

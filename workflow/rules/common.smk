@@ -11,13 +11,17 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, workflow.basedir)  # the checkout's palimpsa package, installed or not
+BASEDIR = str(Path(workflow.basedir).resolve())
+sys.path.insert(0, BASEDIR)  # the checkout's palimpsa package, installed or not
+# Jobs import it too, whatever their working directory (--directory) and wherever they run.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [BASEDIR, os.environ.get("PYTHONPATH")]))
 
 from palimpsa.config import ConfigError  # noqa: E402
 from palimpsa.grid import load_grid, schema_errors  # noqa: E402
 from palimpsa.tuning import load_tune_spec  # noqa: E402
 
 PY = sys.executable  # jobs run in the interpreter that runs Snakemake
+SCRIPTS = f"{BASEDIR}/workflow/scripts"
 
 
 def _user_error(message):
@@ -47,12 +51,13 @@ TUNING = f"{RESULTS}/tuning"
 TABLES = f"{RESULTS}/tables"
 DATA_CACHE = config["data_cache"]
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
+os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI  # every job (trainer, tuning, report) logs here
 MLFLOW_READY = f"{RESULTS}/meta/mlflow-store.json"
 RUN_OVERRIDES = config["run_overrides"]
 
 # The launcher gives each job its own CUDA_VISIBLE_DEVICES (one free slot per requested gpu) and
 # hides the GPUs from jobs that request none; under SLURM it leaves the allocation alone.
-LAUNCH = f"{PY} workflow/scripts/gpu_slot.py --gpus {{resources.gpu}} --"
+LAUNCH = f"{PY} {SCRIPTS}/gpu_slot.py --gpus {{resources.gpu}} --"
 
 # --------------------------------------------------------------------------- grids
 

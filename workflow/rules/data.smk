@@ -9,7 +9,7 @@ rule mlflow_store:
         f"{RESULTS}/meta/mlflow-store.log",
     localrule: True
     shell:
-        "{PY} workflow/scripts/mlflow_store.py init --tracking-uri '{TRACKING_URI}' --out {output} > {log} 2>&1"
+        "{PY} {SCRIPTS}/mlflow_store.py init --tracking-uri '{TRACKING_URI}' --out {output} > {log} 2>&1"
 
 
 rule dataset:
@@ -24,4 +24,4 @@ rule dataset:
     resources:
         gpu=0,
     shell:
-        "{PY} workflow/scripts/build_data.py --spec {params.spec:q} --cache {DATA_CACHE} --out {output} > {log} 2>&1"
+        "{PY} {SCRIPTS}/build_data.py --spec {params.spec:q} --cache {DATA_CACHE} --out {output} > {log} 2>&1"

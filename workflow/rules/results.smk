@@ -31,5 +31,5 @@ rule report:
         f"{RESULTS}/report/build.log",
     localrule: True
     shell:
-        "MLFLOW_TRACKING_URI='{TRACKING_URI}' {PY} -m {params.module} --table {params.table}"
+        "{PY} -m {params.module} --table {params.table}"
         " --curves {params.curves} --tuning {TUNING} --out {output} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule sweep:
         f"{RUNS}/{{grid}}/sweep.log",
     localrule: True
     shell:
-        "{PY} workflow/scripts/mlflow_store.py sweep --tracking-uri '{TRACKING_URI}'"
+        "{PY} {SCRIPTS}/mlflow_store.py sweep --tracking-uri '{TRACKING_URI}'"
         " --grid {wildcards.grid} --experiment {params.experiment:q} --description {params.description:q}"
         " --tags {params.tags:q} --out {output} > {log} 2>&1"
 
@@ -25,12 +25,12 @@ def _point(w):
 
 
 rule point_config:
-    """Write the point's full run config (tracking included): `palimpsa train` on it reproduces the run."""
+    """Write the point's run config (run.yaml, tracking included): `palimpsa train` on it reproduces the run."""
     input:
         sweep=f"{RUNS}/{{grid}}/sweep.json",
         overrides_from=lambda w: list(GRIDS[w.grid].overrides_from),
     output:
-        config=f"{RUNS}/{{grid}}/{{point}}/config.yaml",
+        config=f"{RUNS}/{{grid}}/{{point}}/run.yaml",
         point=f"{RUNS}/{{grid}}/{{point}}/point.json",
     params:
         # The resolved config is a param: Snakemake reruns the point when it changes.
@@ -52,7 +52,7 @@ rule point_config:
 rule train:
     """Train one grid point; a failure fails this job only (its MLflow run is marked FAILED)."""
     input:
-        config=f"{RUNS}/{{grid}}/{{point}}/config.yaml",
+        config=f"{RUNS}/{{grid}}/{{point}}/run.yaml",
         data=lambda w: data_marker(_point(w).config),
         mlflow=MLFLOW_READY,
     output:
@@ -65,6 +65,5 @@ rule train:
     resources:
         gpu=0,
     shell:
-        "MLFLOW_TRACKING_URI='{TRACKING_URI}' PALIMPSA_DATA_CACHE={DATA_CACHE} "
-        + LAUNCH
-        + " {PY} -m palimpsa train {input.config} --out {params.out} > {log} 2>&1"
+        LAUNCH
+        + " {PY} -m palimpsa train {input.config} --out {params.out} --data-dir {DATA_CACHE} --quiet > {log} 2>&1"

@@ -10,9 +10,8 @@ def _tune_cmd(study, stage):
     overrides = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in RUN_OVERRIDES.items())
     n_trials = config["tuning"]["n_trials"]
     return (
-        f"MLFLOW_TRACKING_URI='{TRACKING_URI}' PALIMPSA_DATA_CACHE={DATA_CACHE} "
         f"{PY} -m palimpsa.tuning {shlex.quote(str(STUDIES[study].path))} --stage {stage}"
-        f" --out {TUNING}/{study} {_storage_arg(study)} {overrides}"
+        f" --out {TUNING}/{study} --data-dir {DATA_CACHE} {_storage_arg(study)} {overrides}"
         + (f" --n-trials {n_trials}" if n_trials else "")
     )
 

@@ -22,7 +22,9 @@ from palimpsa.tasks import TaskError, build_task  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--spec", required=True, help="JSON: {task: mapping, seed: int}")
     parser.add_argument("--cache", required=True)
     parser.add_argument("--out", required=True)
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({**spec, "shapes": sizes, "seconds": time.perf_counter() - start}, indent=1) + "\n")
+    tmp.write_text(
+        json.dumps({**spec, "shapes": sizes, "seconds": time.perf_counter() - start}, indent=1) + "\n"
+    )
     os.replace(tmp, out)
     return 0
 

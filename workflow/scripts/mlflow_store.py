@@ -52,12 +52,19 @@ def sweep(args: argparse.Namespace) -> None:
     client.set_terminated(run.info.run_id, "FINISHED")
     _write(
         args.out,
-        {"grid": args.grid, "experiment": args.experiment, "experiment_id": exp_id, "run_id": run.info.run_id},
+        {
+            "grid": args.grid,
+            "experiment": args.experiment,
+            "experiment_id": exp_id,
+            "run_id": run.info.run_id,
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_init = sub.add_parser("init")
     p_init.add_argument("--tracking-uri", required=True)
