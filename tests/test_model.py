@@ -34,9 +34,16 @@ def small_model(kind: str, dtype=torch.float64, seed: int = 0, **mixer) -> Palim
     return model
 
 
-@pytest.mark.parametrize("kind", MIXER_KINDS)
-def test_cached_decoding_equals_full_forward(kind):
-    model = small_model(kind)
+@pytest.mark.parametrize(
+    ("kind", "mixer"),
+    [(kind, {}) for kind in MIXER_KINDS]
+    + [
+        ("palimpsa", {"gates": "paper", "conv_size": 0}),
+        ("metamamba2", {"metaplastic": False, "conv_size": 2}),
+    ],
+)
+def test_cached_decoding_equals_full_forward(kind, mixer):
+    model = small_model(kind, **mixer)
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(1))
     full = model(ids)
     logits, state = model(ids[:, :5], return_state=True)
