@@ -536,15 +536,16 @@ def _make_point(
     canonical = config_to_dict(config_from_dict(cfg))
     axes_list = [a for a in assignments if a.axis]
     label = "_".join(filter(None, (_slug(_label_part(a)) for a in axes_list))) or "point"
-    point_id = f"{label}-{config_hash(canonical)}"
+    digest = config_hash(canonical)
+    point_id = f"{label}-{digest}"
     where = ", ".join(a.origin for a in axes_list) or "base"
-    if point_id in seen:
+    if digest in seen:
         raise GridError(
             where.split(", ")[-1],
-            f"duplicate point: {where} gives the same run config as {seen[point_id]}",
+            f"duplicate point: {where} gives the same run config as {seen[digest]}",
             path,
         )
-    seen[point_id] = where
+    seen[digest] = where
     axes = {}
     for a in axes_list:
         if a.label is not None:
