@@ -318,9 +318,29 @@ def _main_bwd(
     tl.store(dip + ic * H + h, dip_acc)
 
 
+# Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
+# ``main_tile`` bounds CS * BV * BK, the size of one on-chip ``[CS, BV, BK]`` tile of the backward.
+CONFIG: dict[str, int] = {
+    "states_bv": 64,
+    "out_bv": 32,
+    "out_warps": 4,
+    "local_bv": 32,
+    "local_warps": 4,
+    "main_bv": 32,
+    "main_tile": 8192,
+    "main_warps": 8,
+}
+
+
+def _bv(V: int, BK: int, cap: int, floor: int = 8) -> int:
+    """A V block of at most ``cap``, shrinking as K grows: a ``[BV, BK]`` state tile stays in registers."""
+    cap = max(floor, cap * 64 // BK) if BK > 64 else cap
+    return min(max(next_pow2(V), floor), cap)
+
+
 def _sub_chunk(bk: int, bv: int) -> int:
-    """Tokens per on-chip sub-chunk: ``[CS, BV, BK]`` tiles of at most 8192 fp32 values."""
-    return max(1, min(16, 8192 // (bk * bv)))
+    """Tokens per on-chip sub-chunk of the backward: ``[CS, BV, BK]`` tiles of <= ``main_tile`` values."""
+    return max(1, min(16, CONFIG["main_tile"] // (bk * bv)))
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
@@ -331,7 +351,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         _, TT, H, K = q.shape
         V = u.shape[-1]
         BK = max(16, next_pow2(K))
-        BV = max(16, min(next_pow2(V), 64 if BK <= 64 else 32))
+        BV = _bv(V, BK, CONFIG["states_bv"], floor=16)
         N, NT = layout.num_seqs, layout.num_chunks
         hm = q.new_empty(NT, H, V, K, dtype=torch.float32)
         hi = torch.empty_like(hm)
@@ -347,11 +367,11 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         )  # fmt: skip
         y = torch.empty_like(u, dtype=q.dtype)
         var = torch.empty_like(y) if output_variance else None
-        BVo = min(max(next_pow2(V), 8), 32 if BK <= 64 else 16)
+        BVo = _bv(V, BK, CONFIG["out_bv"])
         _output_fwd[(triton.cdiv(V, BVo), NT, H)](
             q, k, u, beta, log_alpha, ip, hm, hi, y, var if output_variance else y,
             layout.cu_seqlens, layout.chunk_index, scale,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, num_warps=4,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, num_warps=CONFIG["out_warps"],
         )  # fmt: skip
         ctx.save_for_backward(q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi)
         ctx.meta = (scale, layout, C, use_init, output_final)
@@ -375,10 +395,10 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
         dhm = torch.empty_like(hm)
         dhi = torch.empty_like(hi)
-        BVl = min(max(next_pow2(V), 8), 32 if BK <= 64 else 16)
+        BVl = _bv(V, BK, CONFIG["local_bv"])
         _local_bwd[(triton.cdiv(V, BVl), NT, H)](
             q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
-            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=4,
+            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
         )  # fmt: skip
         # 4. reverse scan over chunks
         d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
@@ -390,7 +410,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             HAS_DFINAL=has_dfinal, num_warps=4,
         )  # fmt: skip
         # 5. everything per token
-        BVm = 16 if BK >= 128 else min(max(next_pow2(V), 16), 32)
+        BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
         CS = _sub_chunk(BK, BVm)
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dk = torch.zeros_like(dq)
@@ -402,7 +422,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
             layout.cu_seqlens, layout.chunk_index, scale,
             H=H, K=K, V=V, C=C, CS=CS, BK=BK, BV=BVm, HAS_DVAR=has_dvar, PREC=dot_precision(q.dtype),
-            num_warps=4 if BK * BVm * CS <= 4096 else 8,
+            num_warps=CONFIG["main_warps"],
         )  # fmt: skip
         # d log alpha: reverse cumulative sum of the per-token pieces within each sequence
         dla = layout.reverse_cumsum(dla)

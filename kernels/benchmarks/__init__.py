@@ -1,0 +1,1 @@
+"""GPU benchmarks and GPU correctness checks of the kernels (run by hand on a CUDA machine)."""

@@ -1,0 +1,75 @@
+"""Where the time goes: per-kernel GPU time of one Palimpsa fwd+bwd, and a sweep of launch shapes.
+
+    python -m kernels.benchmarks.profile_palimpsa [--sweep]
+
+Per-kernel times come from the torch profiler (CUDA activity), summed over 5 steps and divided by 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from kernels.benchmarks.bench_palimpsa import SHAPES, palimpsa_inputs
+from kernels.palimpsa import chunk, palimpsa_attn
+
+
+def step_fn(shape):
+    x = palimpsa_inputs(*shape)
+    dy = torch.randn(*shape[:3], shape[4], device="cuda").to(torch.bfloat16)
+
+    def step():
+        for t in x:
+            t.grad = None
+        palimpsa_attn(*x, backend="triton")[0].backward(dy)
+
+    return step
+
+
+def per_kernel(shape) -> list[tuple[str, float]]:
+    step = step_fn(shape)
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((ev.key[:60], t / 5 / 1e3))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args(argv)
+    for name, shape in SHAPES[:3]:
+        rows = per_kernel(shape)
+        total = sum(t for _, t in rows)
+        print(f"\n{name} {shape}: sum of kernel times {total:.3f} ms")
+        for k, t in rows[:12]:
+            print(f"  {t:8.3f} ms  {k}")
+    if not args.sweep:
+        return
+    base = dict(chunk.CONFIG)
+    grid = {"main_bv": [16, 32], "main_tile": [4096, 8192], "main_warps": [4, 8], "out_bv": [16, 32]}
+    for name, shape in (SHAPES[0], SHAPES[2]):
+        for vals in itertools.product(*grid.values()):
+            chunk.CONFIG.update(base)
+            chunk.CONFIG.update(dict(zip(grid, vals, strict=True)))
+            try:
+                ms = do_bench(step_fn(shape), warmup=10, rep=30, return_mode="median")
+                print(f"sweep {name} {dict(zip(grid, vals, strict=True))} fwd+bwd {ms:.3f} ms", flush=True)
+            except Exception as exc:
+                print(f"sweep {name} {vals} failed: {type(exc).__name__} {str(exc)[:120]}", flush=True)
+    chunk.CONFIG.update(base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The Triton Palimpsa kernels, run by Triton's interpreter on CPU, against the float64 recurrence.
+
+Every case draws fresh random inputs, and checks the outputs and every input gradient (q, k, u, beta,
+log_alpha, Ip, initial state) through a random linear functional of all outputs. Small chunk sizes put
+several chunks and sub-chunks into short sequences, so the cross-chunk paths run too.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("triton was imported without its interpreter and there is no GPU", allow_module_level=True)
+
+from kernels.palimpsa import fused_recurrent_palimpsa, naive_recurrent_palimpsa, palimpsa_attn  # noqa: E402
+from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
+
+NAMES = ["y", "var", "mu_T", "I_T", "dq", "dk", "du", "dbeta", "dlog_alpha", "dIp", "dmu_0", "dI_0"]
+
+
+def make_inputs(B, T, H, K, V, gen, gates="normal", N=None):
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, u = r(B, T, H, K), r(B, T, H, K) / K**0.5, r(B, T, H, V)
+    beta = torch.rand(B, T, H, V, generator=gen, dtype=torch.float64)
+    la = torch.nn.functional.logsigmoid(r(B, T, H) + 2.0)
+    ip = torch.rand(H, generator=gen, dtype=torch.float64) + 0.5
+    if gates == "extreme":
+        sel = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+        la = torch.where(sel < 0.3, torch.full_like(la, -30.0), torch.where(sel < 0.6, -1e-7 * sel, la))
+        beta = torch.where(torch.rand(beta.shape, generator=gen) < 0.3, torch.zeros_like(beta), 50 * beta)
+        ip = torch.tensor([1e-4, 1e4] * H, dtype=torch.float64)[:H]
+    N = B if N is None else N
+    mu0 = r(N, H, V, K)
+    I0 = torch.rand(N, H, V, K, generator=gen, dtype=torch.float64) + ip[None, :, None, None]
+    return [q, k, u, beta, la, ip, mu0, I0]
+
+
+def forward_backward(fn, xs, dtype, seed, with_init=True, with_final=True, **kw):
+    """Outputs and input gradients of ``sum_j <w_j, out_j>`` for random weights ``w_j``."""
+    xs = [x.detach().to(dtype).clone().requires_grad_(True) for x in xs]
+    q, k, u, beta, la, ip, mu0, I0 = xs
+    init = (mu0, I0) if with_init else None
+    y, var, final = fn(q, k, u, beta, la, ip, initial_state=init, output_final_state=with_final,
+                       output_variance=True, **kw)  # fmt: skip
+    outs = [y, var] + (list(final) if with_final else [])
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    loss.backward()
+    grads = [x.grad for x in xs[: 8 if with_init else 6]]
+    return outs, grads
+
+
+def assert_close(got, want, names, out_tol=1e-5, grad_tol=1e-4, n_out=4):
+    for i, (name, a, b) in enumerate(zip(names, got, want, strict=True)):
+        assert a is not None, name
+        assert torch.isfinite(a).all(), f"{name} has NaN or inf"
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+        tol = out_tol if i < n_out else grad_tol
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def _triton(chunk_size):
+    return lambda *a, **kw: chunk_palimpsa(*a, chunk_size=chunk_size, **kw)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk_size"),
+    [
+        ((2, 37, 2, 5, 12), 16),  # odd K and V; T % chunk != 0; several chunks and sub-chunks
+        ((1, 40, 1, 48, 20), 32),  # K = 48 (not a power of two)
+    ],
+)
+def test_outputs_and_all_gradients_match_float64(shape, chunk_size):
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    xs = make_inputs(*shape, gen)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
+    out, grad = forward_backward(_triton(chunk_size), xs, torch.float32, seed)
+    assert_close(out + grad, ref_out + ref_grad, NAMES)
+
+
+def test_without_initial_state_and_through_the_dispatch():
+    gen = torch.Generator().manual_seed(3)
+    xs = make_inputs(2, 21, 2, 16, 16, gen)
+    seed = 11
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed, with_init=False)
+    triton_attn = lambda *a, **kw: palimpsa_attn(*a, backend="triton", **kw)  # noqa: E731
+    out, grad = forward_backward(triton_attn, xs, torch.float32, seed, with_init=False)
+    assert_close(out + grad, ref_out + ref_grad, NAMES[:10])
+
+
+def test_variable_length_batch_matches_each_sequence():
+    gen = torch.Generator().manual_seed(5)
+    lens = [9, 1, 30]
+    cu = torch.tensor([0, 9, 10, 40], dtype=torch.int32)
+    xs = make_inputs(1, sum(lens), 2, 12, 10, gen, N=len(lens))
+    seed = 17
+    ref_out, ref_grad = forward_backward(
+        lambda *a, **kw: palimpsa_attn(*a, backend="reference", cu_seqlens=cu, **kw), xs, torch.float64, seed
+    )
+    varlen = lambda *a, **kw: chunk_palimpsa(*a, cu_seqlens=cu, chunk_size=16, **kw)  # noqa: E731
+    out, grad = forward_backward(varlen, xs, torch.float32, seed)
+    assert_close(out + grad, ref_out + ref_grad, NAMES)
+
+
+def test_extreme_gates_stay_finite_and_accurate():
+    """alpha near 0 (log -30) and near 1 (log -1e-7), beta = 0 and 50x, Ip of 1e-4 and 1e4."""
+    gen = torch.Generator().manual_seed(9)
+    xs = make_inputs(1, 35, 2, 8, 12, gen, gates="extreme")
+    seed = 23
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
+    out, grad = forward_backward(_triton(16), xs, torch.float32, seed)
+    assert_close(out + grad, ref_out + ref_grad, NAMES, out_tol=1e-4, grad_tol=1e-3)
+
+
+def test_beta_zero_is_the_gated_linear_attention_limit():
+    gen = torch.Generator().manual_seed(13)
+    q, k, u, beta, la, ip, *_ = make_inputs(1, 20, 1, 8, 8, gen)
+    y, _, _ = chunk_palimpsa(*(x.float() for x in (q, k, u, torch.zeros_like(beta), la, ip)), chunk_size=16)
+    # with beta = 0, I_t == Ip and y = scale * (M_t / Ip) q: a plain gated linear recurrence
+    M = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    for t in range(20):
+        M = la[:, t, :, None, None].exp() * M + u[:, t, :, :, None] * k[:, t, :, None, :]
+        want = (M / ip[None, :, None, None] * q[:, t, :, None, :]).sum(-1) * 8**-0.5
+        torch.testing.assert_close(y[:, t].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_recurrent_prefill_then_decode_equals_the_full_forward():
+    gen = torch.Generator().manual_seed(21)
+    q, k, u, beta, la, ip, mu0, I0 = (x.float() for x in make_inputs(2, 12, 2, 12, 20, gen))
+    full, var_full, (mu_f, I_f) = naive_recurrent_palimpsa(
+        *(x.double() for x in (q, k, u, beta, la, ip)), initial_state=(mu0.double(), I0.double()),
+        output_final_state=True, output_variance=True,
+    )  # fmt: skip
+    y, var, state = fused_recurrent_palimpsa(
+        q[:, :9], k[:, :9], u[:, :9], beta[:, :9], la[:, :9], ip, initial_state=(mu0, I0),
+        output_variance=True, backend="triton",
+    )  # fmt: skip
+    ys, vs = [y], [var]
+    for t in range(9, 12):
+        s = slice(t, t + 1)
+        y, var, state = fused_recurrent_palimpsa(
+            q[:, s], k[:, s], u[:, s], beta[:, s], la[:, s], ip, initial_state=state, output_variance=True,
+            backend="triton",
+        )  # fmt: skip
+        ys.append(y)
+        vs.append(var)
+    torch.testing.assert_close(torch.cat(ys, 1).double(), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(vs, 1).double(), var_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state[0].double(), mu_f, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state[1].double(), I_f, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_rules():
+    q = torch.zeros(1, 2, 1, 4)
+    from kernels.palimpsa.ops import resolve_backend
+
+    assert resolve_backend("auto", q.device) == "chunk"
+    assert resolve_backend("triton", q.device) == "triton"
+    with pytest.raises(ValueError, match="unknown Palimpsa backend"):
+        resolve_backend("cuda", q.device)
+    with pytest.raises(ValueError, match="B == 1"):
+        chunk_palimpsa(*(torch.randn(2, 3, 1, 4) for _ in range(4)), torch.zeros(2, 3, 1), 1.0,
+                       cu_seqlens=torch.tensor([0, 3]))  # fmt: skip
