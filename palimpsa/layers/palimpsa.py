@@ -16,7 +16,6 @@ ablation removes the importance state and nothing else (``I_t == Ip``: the Mamba
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +103,6 @@ class _MetaplasticBase(MixerShell):
         self.last_variance = var  # the read-out's uncertainty, [B, T, H, V], when output_variance
         return y, final
 
-    def log_alpha(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        v = x.new_zeros(B, T, self.num_heads, self.head_v_dim)
-        return self.recurrence_inputs(x, v)["log_alpha"]
-
     def importance(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         if not self.cfg.metaplastic:
             return None
@@ -143,6 +137,9 @@ class Palimpsa(_MetaplasticBase):
         N = (self.cfg.n_init * self.logN.exp()).clamp_min(1.0)
         return torch.log1p(-(gamma / N).clamp_max(1 - ALPHA_FLOOR)), gamma
 
+    def log_alpha(self, x: Tensor) -> Tensor:
+        return self.forget(x)[0]
+
     def recurrence_inputs(self, x: Tensor, v: Tensor) -> dict[str, Tensor]:
         log_alpha, factor = self.forget(x)
         gate = self._low_rank_gate(x) * factor[..., None]
@@ -170,7 +167,10 @@ class MetaMamba2(_MetaplasticBase):
         self.dt_gate = DtGate(cfg, d_model)
         self.b_scale = nn.Parameter(inverse_softplus(torch.full((cfg.num_heads,), cfg.b_scale_init)))
 
-    def recurrence_inputs(self, x: Tensor, v: Tensor) -> dict[str, Any]:
+    def log_alpha(self, x: Tensor) -> Tensor:
+        return self.dt_gate(x)[1]
+
+    def recurrence_inputs(self, x: Tensor, v: Tensor) -> dict[str, Tensor]:
         dt, log_alpha = self.dt_gate(x)
         u = (self.ip[:, None] * dt[..., None]) * v
         gate = self._low_rank_gate(x) * (dt[..., None] * F.softplus(self.b_scale)[:, None])
