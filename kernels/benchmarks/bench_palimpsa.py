@@ -84,7 +84,7 @@ def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list],
     if SHAPES[0][1] == (B, T, H, K, V):  # the torch form keeps per-token states of a chunk: one shape only
         out["palimpsa_torch_chunk"] = (
             lambda: palimpsa_inputs(B, T, H, K, V),
-            lambda x: naive_chunk_palimpsa(*x, chunk_size=64)[0],
+            lambda x: naive_chunk_palimpsa(*(t.float() for t in x[:4]), x[4], x[5], chunk_size=64)[0],
         )
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
@@ -101,7 +101,7 @@ def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list],
         lambda: fla_inputs(B, T, H, K, V, "sgla"),
         lambda x: chunk_simple_gla(x[0], x[1], x[2], g=x[3])[0],
     )
-    if K == V:
+    if K == V == 64:  # as in DESIGN §4; fla's Mesa CG solver is slow to build at 128
         out["fla_mesa_chunk"] = (
             lambda: fla_inputs(B, T, H, K, V, "mesa"),
             lambda x: chunk_mesa_net(x[0], x[1], x[2], x[3], x[4], x[5])[0],
@@ -164,9 +164,13 @@ def main(argv: list[str] | None = None) -> None:
             rec = {"shape_name": name, "shape": dict(zip("BTHKV", shape, strict=True)), "impl": impl}
             rec |= {"device": device, **versions}
             try:
-                reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (25, 100))
+                reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
                 rec |= measure(make, fwd, *reps)
                 rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
+                if impl == "palimpsa_triton":  # where the time goes, per kernel
+                    from kernels.benchmarks.profile_palimpsa import per_kernel
+
+                    rec["kernel_ms"] = dict(per_kernel(shape)[:8])
             except Exception as exc:  # record and go on: one failing baseline must not hide the rest
                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 torch.cuda.empty_cache()

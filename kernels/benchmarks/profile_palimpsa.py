@@ -58,7 +58,7 @@ def main(argv=None):
     if not args.sweep:
         return
     base = dict(chunk.CONFIG)
-    grid = {"main_bv": [16, 32], "main_tile": [4096, 8192], "main_warps": [4, 8], "out_bv": [16, 32]}
+    grid = {"main_bv": [32, 64], "main_warps": [4, 8], "out_bv": [16, 32, 64]}
     for name, shape in (SHAPES[0], SHAPES[2]):
         for vals in itertools.product(*grid.values()):
             chunk.CONFIG.update(base)

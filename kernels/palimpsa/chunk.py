@@ -14,10 +14,10 @@ Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t,
      start state.
   4. ``_scan_bwd``: a reverse scan over chunks gives ``E_c``, the gradient on the state after chunk ``c``
      coming from later tokens (and the final state), and the gradient on the initial state.
-  5. ``_main_bwd``: per (chunk, head), walk the chunk's sub-chunks of ``CS`` tokens backwards. A sub-chunk's
-     start state comes from the chunk's boundary state by one masked tensor-core product; its per-token
-     states ``[CS, BV, BK]`` by an on-chip scan; the reverse scan from ``E`` gives ``dM_t, dIbar_t``; then
-     ``du, dbeta, dk, dq``, the ``Ip`` gradient and the per-token pieces of ``d log alpha``.
+  5. ``_main_bwd``: per (chunk, head, V block), walk the chunk backwards token by token, carrying
+     ``dM_t, dIbar_t`` from ``E_c``. The forward state after token ``t`` comes straight from the chunk's
+     boundary state by one masked tensor-core product, ``e^{G_t} S + (u * w_t)^T @ k``, so no per-token
+     state is ever stored; then ``du, dbeta, dk, dq``, the ``Ip`` gradient and the pieces of ``d log alpha``.
 
 ``d log alpha_t = sum_{s >= t} (Phi_s - u_s . du_s - beta_s . dbeta_s)`` with
 ``Phi_s = <D^M_s, M_s> + <D^I_s, Ibar_s>``: every term is local to one token, so the sum is a reverse
@@ -32,12 +32,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2, sequence_layout
-
-
-@triton.jit
-def _affine(a1, x1, a2, x2):
-    """Compose two steps ``z -> a z + x`` (first then second): the scan operator of a gated recurrence."""
-    return a1 * a2, x1 * a2 + x2
 
 
 @triton.jit
@@ -112,13 +106,21 @@ def _output_fwd(
     sm = tl.load(hm + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
     si = tl.load(hi + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
     p = tl.load(ip + h).to(tl.float32)
+    # token t's inputs are loaded during token t-1, so the loads' latency hides behind the arithmetic
+    lan = tl.load(la + t0 * H + h).to(tl.float32)
+    kn = tl.load(k + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+    qn = tl.load(q + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+    un = tl.load(u + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+    bn = tl.load(beta + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
     for t in range(L):
         tok = t0 + t
-        a = tl.exp(tl.load(la + tok * H + h).to(tl.float32))
-        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        a, kt, qt, ut, bt = tl.exp(lan), kn, qn, un, bn
+        nxt = tl.minimum(tok + 1, t0 + L - 1)  # past the chunk's end: reload the last token, unused
+        lan = tl.load(la + nxt * H + h).to(tl.float32)
+        kn = tl.load(k + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        qn = tl.load(q + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        un = tl.load(u + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        bn = tl.load(beta + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
         sm = a * sm + ut[:, None] * kt[None, :]
         si = a * si + bt[:, None] * (kt * kt)[None, :]
         r = 1.0 / (si + p)
@@ -149,16 +151,24 @@ def _local_bwd(
     acc_m = tl.zeros([BV, BK], dtype=tl.float32)
     acc_i = tl.zeros([BV, BK], dtype=tl.float32)
     g = 0.0
+    lan = tl.load(la + t0 * H + h).to(tl.float32)
+    kn = tl.load(k + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+    qn = tl.load(q + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+    un = tl.load(u + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+    bn = tl.load(beta + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+    don = tl.load(do + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
     for t in range(L):
         tok = t0 + t
-        lat = tl.load(la + tok * H + h).to(tl.float32)
+        lat, kt, qt, ut, bt, dot_ = lan, kn, qn, un, bn, don
+        nxt = tl.minimum(tok + 1, t0 + L - 1)  # past the chunk's end: reload the last token, unused
+        lan = tl.load(la + nxt * H + h).to(tl.float32)
+        kn = tl.load(k + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        qn = tl.load(q + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        un = tl.load(u + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        bn = tl.load(beta + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        don = tl.load(do + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
         a = tl.exp(lat)
         g += lat
-        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        dot_ = tl.load(do + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
         sm = a * sm + ut[:, None] * kt[None, :]
         si = a * si + bt[:, None] * (kt * kt)[None, :]
         r = 1.0 / (si + p)
@@ -214,120 +224,89 @@ def _scan_bwd(
 def _main_bwd(
     q, k, u, beta, la, ip, hm, hi, dhm, dhi, do, dvar,
     dq, dk, du, db, dla, dip, cu, chunk_index, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, CS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DVAR: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DVAR: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    ic, h = tl.program_id(0), tl.program_id(1)
+    iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_span(cu, chunk_index, ic, C)
+    ov = iv * BV + tl.arange(0, BV)
     ok = tl.arange(0, BK)
-    mk = ok < K
     tc = tl.arange(0, C)
-    ts_ = tl.arange(0, CS)
+    mv, mk, mtc = ov < V, ok < K, tc < L
+    mvk = mv[:, None] & mk[None, :]
     p = tl.load(ip + h).to(tl.float32)
-    mtc = tc < L
+    base = (ic.to(tl.int64) * H + h) * V * K
+    s_vk = ov[:, None] * K + ok[None, :]
+    sm = tl.load(hm + base + s_vk, mask=mvk, other=0.0)
+    si = tl.load(hi + base + s_vk, mask=mvk, other=0.0)
+    gm = tl.load(dhm + base + s_vk, mask=mvk, other=0.0)  # gradient on the state after the chunk, E_c
+    gi = tl.load(dhi + base + s_vk, mask=mvk, other=0.0)
     g_c = tl.load(la + (t0 + tc) * H + h, mask=mtc, other=0.0).to(tl.float32)
     gc = tl.cumsum(g_c, axis=0)
-    k_c = tl.load(
-        k + ((t0 + tc) * H + h)[:, None] * K + ok[None, :], mask=mtc[:, None] & mk[None, :], other=0.0
-    )
-    k_c = k_c.to(tl.float32)
+    rows_kc = ((t0 + tc) * H + h)[:, None] * K + ok[None, :]
+    k_c = tl.load(k + rows_kc, mask=mtc[:, None] & mk[None, :], other=0.0).to(tl.float32)
     kk_c = k_c * k_c
-    base = (ic.to(tl.int64) * H + h) * V * K
-    ns = tl.cdiv(L, CS)
+    rows_vc = ((t0 + tc) * H + h)[:, None] * V + ov[None, :]
+    mcv = mtc[:, None] & mv[None, :]
+    u_c = tl.load(u + rows_vc, mask=mcv, other=0.0).to(tl.float32)
+    b_c = tl.load(beta + rows_vc, mask=mcv, other=0.0).to(tl.float32)
+    a_next = 1.0  # alpha of the token after the current one, inside the chunk (E_c already carries it)
     dip_acc = 0.0
-    for iv in range(tl.cdiv(V, BV)):
-        tl.debug_barrier()
-        ov = iv * BV + tl.arange(0, BV)
-        mv = ov < V
-        mvk = mv[:, None] & mk[None, :]
-        s_vk = ov[:, None] * K + ok[None, :]
-        sm = tl.load(hm + base + s_vk, mask=mvk, other=0.0)
-        si = tl.load(hi + base + s_vk, mask=mvk, other=0.0)
-        em = tl.load(dhm + base + s_vk, mask=mvk, other=0.0)
-        ei = tl.load(dhi + base + s_vk, mask=mvk, other=0.0)
-        mcv = mtc[:, None] & mv[None, :]
-        u_c = tl.load(u + ((t0 + tc) * H + h)[:, None] * V + ov[None, :], mask=mcv, other=0.0).to(tl.float32)
-        b_c = tl.load(beta + ((t0 + tc) * H + h)[:, None] * V + ov[None, :], mask=mcv, other=0.0).to(
-            tl.float32
-        )
-        for js in range(ns):
-            s0 = (ns - 1 - js) * CS
-            # forward state just before the sub-chunk, from the chunk's boundary state
-            g0 = tl.sum(tl.where(tc < s0, g_c, 0.0), axis=0)
-            w = tl.where(tc < s0, tl.exp(g0 - gc), 0.0)
-            d0 = tl.exp(g0)
-            m0 = sm * d0 + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
-            i0 = si * d0 + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
-            # the sub-chunk's tokens
-            tt = s0 + ts_
-            mt = tt < L
-            tok = t0 + tt
-            rows_k = (tok * H + h)[:, None] * K + ok[None, :]
-            rows_v = (tok * H + h)[:, None] * V + ov[None, :]
-            mtk = mt[:, None] & mk[None, :]
-            mtv = mt[:, None] & mv[None, :]
-            g_s = tl.load(la + tok * H + h, mask=mt, other=0.0).to(tl.float32)
-            g_n = tl.load(la + (tok + 1) * H + h, mask=(tt + 1) < L, other=0.0).to(tl.float32)
-            q_s = tl.load(q + rows_k, mask=mtk, other=0.0).to(tl.float32)
-            k_s = tl.load(k + rows_k, mask=mtk, other=0.0).to(tl.float32)
-            u_s = tl.load(u + rows_v, mask=mtv, other=0.0).to(tl.float32)
-            b_s = tl.load(beta + rows_v, mask=mtv, other=0.0).to(tl.float32)
-            do_s = tl.load(do + rows_v, mask=mtv, other=0.0).to(tl.float32)
-            kk_s = k_s * k_s
-            a3 = tl.broadcast_to(tl.exp(g_s)[:, None, None], [CS, BV, BK])
-            e3 = tl.exp(tl.cumsum(g_s, axis=0))[:, None, None]
-            _, m3 = tl.associative_scan((a3, u_s[:, :, None] * k_s[:, None, :]), 0, _affine)
-            m3 += e3 * m0[None, :, :]
-            _, i3 = tl.associative_scan((a3, b_s[:, :, None] * kk_s[:, None, :]), 0, _affine)
-            i3 += e3 * i0[None, :, :]
-            r3 = 1.0 / (i3 + p)
-            mu3 = m3 * r3
-            sdo = scale * do_s
-            dm3 = sdo[:, :, None] * q_s[:, None, :] * r3
-            di3 = -dm3 * mu3
-            dq_s = tl.sum(sdo[:, :, None] * mu3, axis=1)
-            if HAS_DVAR:
-                wv = scale * scale * tl.load(dvar + rows_v, mask=mtv, other=0.0).to(tl.float32)
-                wr = wv[:, :, None] * r3
-                di3 -= wr * r3 * (q_s * q_s)[:, None, :]
-                dq_s += 2.0 * q_s * tl.sum(wr, axis=1)
-            phi = tl.sum(tl.sum(dm3 * m3 + di3 * i3, axis=2), axis=1)
-            dip_acc += tl.sum(tl.sum(tl.sum(di3, axis=2), axis=1), axis=0)
-            # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}, entered with E at the last row
-            an3 = tl.broadcast_to(tl.exp(g_n)[:, None, None], [CS, BV, BK])
-            last = (ts_ == CS - 1)[:, None, None]
-            _, gm3 = tl.associative_scan(
-                (an3, dm3 + tl.where(last, em[None, :, :], 0.0)), 0, _affine, reverse=True
-            )
-            _, gi3 = tl.associative_scan(
-                (an3, di3 + tl.where(last, ei[None, :, :], 0.0)), 0, _affine, reverse=True
-            )
-            du_s = tl.sum(gm3 * k_s[:, None, :], axis=2)
-            db_s = tl.sum(gi3 * kk_s[:, None, :], axis=2)
-            dk_s = tl.sum(gm3 * u_s[:, :, None], axis=1) + 2.0 * k_s * tl.sum(gi3 * b_s[:, :, None], axis=1)
-            psi = tl.sum(u_s * du_s + b_s * db_s, axis=1)
-            first = (ts_ == 0)[:, None, None]
-            a_first = tl.exp(tl.sum(tl.where(ts_ == 0, g_s, 0.0), axis=0))
-            em = a_first * tl.sum(tl.where(first, gm3, 0.0), axis=0)
-            ei = a_first * tl.sum(tl.where(first, gi3, 0.0), axis=0)
-            tl.store(du + rows_v, du_s, mask=mtv)
-            tl.store(db + rows_v, db_s, mask=mtv)
-            tl.store(dk + rows_k, tl.load(dk + rows_k, mask=mtk, other=0.0) + dk_s, mask=mtk)
-            tl.store(dq + rows_k, tl.load(dq + rows_k, mask=mtk, other=0.0) + dq_s, mask=mtk)
-            tl.store(dla + tok * H + h, tl.load(dla + tok * H + h, mask=mt, other=0.0) + phi - psi, mask=mt)
-    tl.store(dip + ic * H + h, dip_acc)
+    for j in range(L):
+        t = L - 1 - j
+        tok = t0 + t
+        # forward state after token t, straight from the chunk's boundary state (one product each)
+        g_t = tl.sum(tl.where(tc == t, gc, 0.0), axis=0)
+        w = tl.where(tc <= t, tl.exp(g_t - gc), 0.0)
+        e_t = tl.exp(g_t)
+        m_t = sm * e_t + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
+        i_t = si * e_t + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        sdo = scale * tl.load(do + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+        r = 1.0 / (i_t + p)
+        mu = m_t * r
+        d_m = sdo[:, None] * qt[None, :] * r
+        d_i = -d_m * mu
+        dq_t = tl.sum(sdo[:, None] * mu, axis=0)
+        if HAS_DVAR:
+            wv = scale * scale * tl.load(dvar + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+            wr = wv[:, None] * r
+            d_i -= wr * r * (qt * qt)[None, :]
+            dq_t += 2.0 * qt * tl.sum(wr, axis=0)
+        phi = tl.sum(tl.sum(d_m * m_t + d_i * i_t, axis=1), axis=0)
+        dip_acc += tl.sum(tl.sum(d_i, axis=1), axis=0)
+        # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}
+        gm = d_m + a_next * gm
+        gi = d_i + a_next * gi
+        a_next = tl.exp(tl.sum(tl.where(tc == t, g_c, 0.0), axis=0))
+        du_t = tl.sum(gm * kt[None, :], axis=1)
+        db_t = tl.sum(gi * (kt * kt)[None, :], axis=1)
+        dk_t = tl.sum(gm * ut[:, None], axis=0) + 2.0 * kt * tl.sum(gi * bt[:, None], axis=0)
+        piece = phi - tl.sum(ut * du_t + bt * db_t, axis=0)
+        tl.store(du + (tok * H + h) * V + ov, du_t, mask=mv)
+        tl.store(db + (tok * H + h) * V + ov, db_t, mask=mv)
+        if ATOMIC:
+            tl.atomic_add(dk + (tok * H + h) * K + ok, dk_t, mask=mk, sem="relaxed")
+            tl.atomic_add(dq + (tok * H + h) * K + ok, dq_t, mask=mk, sem="relaxed")
+            tl.atomic_add(dla + tok * H + h, piece, sem="relaxed")
+        else:
+            tl.store(dk + (tok * H + h) * K + ok, dk_t, mask=mk)
+            tl.store(dq + (tok * H + h) * K + ok, dq_t, mask=mk)
+            tl.store(dla + tok * H + h, piece)
+    tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, dip_acc)
 
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
-# ``main_tile`` bounds CS * BV * BK, the size of one on-chip ``[CS, BV, BK]`` tile of the backward.
 CONFIG: dict[str, int] = {
     "states_bv": 64,
     "out_bv": 32,
     "out_warps": 4,
     "local_bv": 32,
     "local_warps": 4,
-    "main_bv": 32,
-    "main_tile": 8192,
+    "main_bv": 64,
     "main_warps": 8,
 }
 
@@ -336,11 +315,6 @@ def _bv(V: int, BK: int, cap: int, floor: int = 8) -> int:
     """A V block of at most ``cap``, shrinking as K grows: a ``[BV, BK]`` state tile stays in registers."""
     cap = max(floor, cap * 64 // BK) if BK > 64 else cap
     return min(max(next_pow2(V), floor), cap)
-
-
-def _sub_chunk(bk: int, bv: int) -> int:
-    """Tokens per on-chip sub-chunk of the backward: ``[CS, BV, BK]`` tiles of <= ``main_tile`` values."""
-    return max(1, min(16, CONFIG["main_tile"] // (bk * bv)))
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
@@ -409,19 +383,20 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
             HAS_DFINAL=has_dfinal, num_warps=4,
         )  # fmt: skip
-        # 5. everything per token
+        # 5. everything per token, walking each chunk backwards
         BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
-        CS = _sub_chunk(BK, BVm)
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dk = torch.zeros_like(dq)
+        NVm = triton.cdiv(V, BVm)
+        atomic = NVm > 1  # dk, dq and d log alpha sum over V blocks
+        dq = (torch.zeros if atomic else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
+        dk = torch.zeros_like(dq) if atomic else torch.empty_like(dq)
         du = torch.empty(u.shape, device=q.device, dtype=torch.float32)
         db = torch.empty_like(du)
-        dla = torch.zeros(log_alpha.shape, device=q.device, dtype=torch.float32)
-        dip = q.new_empty(NT, H, dtype=torch.float32)
-        _main_bwd[(NT, H)](
+        dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
+        dip = q.new_empty(NVm, NT, H, dtype=torch.float32)
+        _main_bwd[(NVm, NT, H)](
             q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
             layout.cu_seqlens, layout.chunk_index, scale,
-            H=H, K=K, V=V, C=C, CS=CS, BK=BK, BV=BVm, HAS_DVAR=has_dvar, PREC=dot_precision(q.dtype),
+            H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
             num_warps=CONFIG["main_warps"],
         )  # fmt: skip
         # d log alpha: reverse cumulative sum of the per-token pieces within each sequence
@@ -429,7 +404,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         if has_dfinal:  # the final state is read after every token of its sequence
             phi_T = (dTm * hTm).sum((-1, -2)) + (dTi * hTi).sum((-1, -2))  # [N, H]
             dla = dla + layout.per_token(phi_T)
-        dip = dip.sum(0)
+        dip = dip.sum((0, 1))
         dm0 = d0m if use_init else None
         di0 = d0i if use_init else None
         return (
