@@ -21,6 +21,7 @@ DIAG_SUMMARY = {
     "diag.horizon": "memory horizon (tokens)",
 }
 LAYER_DIAG = re.compile(r"^diag\.l(\d+)\.([a-z_]+)$")
+HEAD_DIAG = re.compile(r"^diag\.l(\d+)\.h(\d+)\.([a-z_]+)$")
 
 
 def model_means(prep: Prepared, column: str = "quality") -> pl.DataFrame:
@@ -57,14 +58,14 @@ def paired_delta(prep: Prepared, column: str, a_value, b_value, kinds=METAPLASTI
     if column not in prep.selected.columns:
         return pl.DataFrame()
     other = [c for c in prep.variant_columns if c != column]
-    twin_cols = ["task", "size", "model.mixer.kind", *other]
+    twin_cols = list(dict.fromkeys(["task", "size", "model.mixer.kind", *other]))
     sel = prep.selected.filter(pl.col("model.mixer.kind").is_in(list(kinds)))
     stats = sel.group_by("config_key").agg(
         pl.col("quality").mean().alias("mean"),
         pl.col("quality").std().alias("std"),
         pl.col("seed").n_unique().alias("n"),
         pl.col("run_id").sort().alias("run_ids"),
-        *[pl.col(c).first() for c in ["model", column, *twin_cols]],
+        *[pl.col(c).first() for c in dict.fromkeys(["model", column, *twin_cols])],
     )
     a = stats.filter(pl.col(column) == a_value)
     b = stats.filter(pl.col(column) == b_value)
@@ -158,18 +159,35 @@ def values_at_budget(points: pl.DataFrame, x: str) -> pl.DataFrame:
 
 
 def layer_diagnostics(prep: Prepared) -> pl.DataFrame:
-    """Long table of per-layer diagnostics of the selected runs: layer, quantity, value."""
-    cols = [c for c in prep.selected.columns if LAYER_DIAG.match(c)]
-    cols = [c for c in cols if prep.selected.get_column(c).drop_nulls().len() > 0]
+    """Long table of per-layer diagnostics of the selected runs: layer, quantity, value.
+
+    A quantity logged only per head (``diag.l0.h1.lr_eff``) is averaged over the layer's heads.
+    """
+    sel = prep.selected
+    cols = [c for c in sel.columns if LAYER_DIAG.match(c) or HEAD_DIAG.match(c)]
+    cols = [c for c in cols if sel.get_column(c).drop_nulls().len() > 0]
     if not cols:
         return pl.DataFrame()
-    long = prep.selected.select("run_id", "task", "size", "model", "seed", *cols).unpivot(
-        index=["run_id", "task", "size", "model", "seed"], variable_name="column", value_name="value"
-    )
-    long = long.filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan())
-    return long.with_columns(
+    index = ["run_id", "task", "size", "model", "seed"]
+    long = sel.select(*index, *cols).unpivot(index=index, variable_name="column", value_name="value")
+    long = long.filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan()).with_columns(
         pl.col("column").str.extract(r"^diag\.l(\d+)\.", 1).cast(pl.Int64).alias("layer"),
-        pl.col("column").str.extract(r"^diag\.l\d+\.([a-z_]+)$", 1).alias("quantity"),
+        pl.col("column").str.extract(r"\.([a-z_0-9]+)$", 1).alias("quantity"),
+        pl.col("column").str.contains(r"^diag\.l\d+\.h\d+\.").alias("per_head"),
+    )
+    per_layer = long.filter(~pl.col("per_head"))
+    have = per_layer.select("quantity").unique()
+    heads = (
+        long.filter(pl.col("per_head"))
+        .join(have, on="quantity", how="anti")
+        .group_by(*index, "layer", "quantity")
+        .agg(pl.col("value").mean())
+    )
+    return pl.concat(
+        [
+            per_layer.select(*index, "layer", "quantity", "value"),
+            heads.select(*index, "layer", "quantity", "value"),
+        ]
     )
 
 

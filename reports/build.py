@@ -1,6 +1,7 @@
 """``python -m reports.build``: render the analysis report from tracked runs, never retraining.
 
 Sources, one of:
+  --results DIR                                     a results folder copied from any machine (tables, tuning)
   --runs RUNS.parquet [--curves CURVES.parquet]     tables exported by any machine
   --tracking-uri URI [--experiments a,b]            the MLflow store itself (via palimpsa.results)
   (neither)                                         results/tables/{runs,curves}.parquet
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("sources")
     src.add_argument(
+        "--results",
+        type=Path,
+        help="a results folder copied from any machine (e.g. a GPU box): reads RESULTS/tables/*.parquet and "
+        "RESULTS/tuning, writes RESULTS/report/index.html unless --out is given",
+    )
+    src.add_argument(
         "--runs", "--table", dest="runs", type=Path, help="runs table (parquet), one row per run"
     )
     src.add_argument("--curves", type=Path, help="curves table (parquet): run_id, step, key, value")
@@ -48,11 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--study", help="Optuna study name when --tuning is a storage URL")
     p.add_argument("--metric", help="quality column (default: val_accuracy, else val_loss)")
     p.add_argument("--title", default="Palimpsa: why performance shifts with scale")
-    p.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"HTML file to write (default {DEFAULT_OUT})"
-    )
+    p.add_argument("--out", type=Path, help=f"HTML file to write (default {DEFAULT_OUT})")
     p.add_argument("--min-figures", type=int, default=0, help="fail when fewer figures have data")
     args = p.parse_args(argv)
+    if args.results is not None:
+        if args.runs is not None or args.tracking_uri is not None:
+            p.error("--results replaces --runs/--curves and --tracking-uri")
+        args.runs = args.results / "tables" / "runs.parquet"
+        if args.curves is None and (args.results / "tables" / "curves.parquet").is_file():
+            args.curves = args.results / "tables" / "curves.parquet"
+        if args.tuning is None and (args.results / "tuning").is_dir():
+            args.tuning = str(args.results / "tuning")
+        args.out = args.out or args.results / "report" / "index.html"
+    args.out = args.out or DEFAULT_OUT
     if args.runs is not None and args.tracking_uri is not None:
         p.error("give either --runs or --tracking-uri, not both")
     if args.curves is not None and args.runs is None:
@@ -70,7 +85,10 @@ def load_sources(args: argparse.Namespace):
         from palimpsa import results
 
         experiments = [e for e in (args.experiments or "").split(",") if e] or None
-        runs, curves = results.build_tables(args.tracking_uri, experiments)
+        try:
+            runs, curves = results.build_tables(args.tracking_uri, experiments)
+        except ValueError as err:  # e.g. an experiment name the store does not hold
+            raise ReportInputError(" ".join(str(err).split())) from None
         where = f"MLflow store {args.tracking_uri}" + (
             f", experiments {', '.join(experiments)}" if experiments else ""
         )

@@ -408,7 +408,7 @@ def compute_curves(prep: Prepared, tuning: Studies = None) -> FigureResult:
     fig, axes = plt.subplots(
         len(axes_x), len(sizes), figsize=(4.4 * len(sizes), 3.4 * len(axes_x)), squeeze=False
     )
-    labels = {"wall": "wall clock (s)", "flops_at": "training FLOPs (estimate)"}
+    labels = {"wall": "training time (s)", "flops_at": "training FLOPs (estimate)"}
     for r, x in enumerate(axes_x):
         for c, size in enumerate(sizes):
             ax = axes[r][c]
@@ -433,7 +433,8 @@ def compute_curves(prep: Prepared, tuning: Studies = None) -> FigureResult:
     caption = (
         "The same validation curves as the learning-curve figure, one line per run (every seed at the best "
         "lr), "
-        "against measured wall-clock time (top) and estimated training FLOPs (bottom: 6 * params * tokens "
+        "against measured training time (top: optimizer-step seconds, without start-up and evaluation) and "
+        "estimated training FLOPs (bottom: 6 * params * tokens "
         "plus "
         "3x the mixer's per-token state work). The dashed line is the equal budget used in the "
         "compute-matched "
@@ -446,7 +447,7 @@ def compute_matched(prep: Prepared, tuning: Studies = None) -> FigureResult:
     name, title = "compute_matched", "Compute-matched comparison: quality at equal wall clock and equal FLOPs"
     pts = analysis.curve_points(prep)
     parts = []
-    for x, label in (("wall", "equal wall clock"), ("flops_at", "equal FLOPs")):
+    for x, label in (("wall", "equal training time"), ("flops_at", "equal FLOPs")):
         v = analysis.values_at_budget(pts, x)
         if v.height:
             parts.append(
@@ -477,9 +478,9 @@ def compute_matched(prep: Prepared, tuning: Studies = None) -> FigureResult:
     _legend_outside(fig, axes)
     caption = (
         f"{analysis.curve_key(prep)} each model had reached when all runs of a size had spent the same "
-        "wall-clock time (left) or the same estimated training FLOPs (right): the last evaluation at or "
-        "before "
-        "the budget, which is the smallest final spend of that size's runs. Bars: mean over all seeds at the "
+        "wall-clock training time (left: measured optimizer-step seconds) or the same estimated training "
+        "FLOPs (right): the last evaluation at or before the budget, which is the smallest final spend of "
+        "that size's runs. Bars: mean over all seeds at the "
         "best lr; whiskers: sd; dots: seeds. A slower mixer is judged at fewer steps."
     )
     return _done(name, title, fig, caption, data.height)

@@ -228,11 +228,11 @@ def _compare(
     nb = b.count(b_row["config_key"], f"{b_row['model']}@{size}@{task}")
     d = b.diff(ma, mb, tag, prep.sign())
     raw = ma.value - mb.value
+    better = _better_word(raw if prep.higher_is_better else -raw)
     text = (
-        f"{_where(task, size, n_tasks)}, {a_row['model']}'s {prep.metric} "
-        f"{_better_word(raw if prep.higher_is_better else -raw)} "
-        f"{b_row['model']}'s{what}: {ma.text} against {mb.text}, a difference of {d.text} in its favour "
-        f"(mean over {na.text} and {nb.text} seeds, each at its best lr)."
+        f"{_where(task, size, n_tasks)}, {a_row['model']}'s {prep.metric} {better} {b_row['model']}'s{what}: "
+        f"{ma.text} against {mb.text}, a difference of {d.text} (positive: {a_row['model']} better; "
+        f"mean over {na.text} and {nb.text} seeds, each at its best lr)."
     )
     return Finding(section, text, [ma, mb, na, nb, d])
 
@@ -444,7 +444,7 @@ def compute_matched(b: _Builder) -> list[Finding]:
     if pts.height == 0:
         return out
     n_tasks = pts.get_column("task").n_unique()
-    for x, label, unit in (("wall", "wall-clock budget", " s"), ("flops_at", "FLOPs budget", " FLOPs")):
+    for x, label, unit in (("wall", "training-time budget", " s"), ("flops_at", "FLOPs budget", " FLOPs")):
         vals = analysis.values_at_budget(pts, x)
         if vals.height == 0:
             continue

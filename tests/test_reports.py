@@ -284,3 +284,85 @@ def test_flops_and_state_follow_the_mixer():
     assert compute.training_flops(off) < compute.training_flops(row)
     attn = {**row, "model.mixer.kind": "attention", "model.d_model": 32}
     assert compute.state_elements({**attn, "task.seq_len": 32}) == 2 * compute.state_elements(attn)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+TINY = """
+name: tiny
+seed: 0
+task: {name: mqar, vocab_size: 32, seq_len: 16, num_kv_pairs: 2, num_train: 256, num_val: 32}
+model: {d_model: 16, n_layers: 2, mixer: {kind: palimpsa, num_heads: 2, head_k_dim: 8, head_v_dim: 8}}
+train: {lr: 1.0e-2, batch_size: 16, epochs: 1, max_steps: 12, eval_every: 4, warmup_steps: 2, num_threads: 1}
+tracking: {experiment: tiny-report}
+"""
+
+
+@pytest.mark.slow
+def test_mlflow_store_and_exported_tables_give_the_same_report(tmp_path):
+    """Two real runs tracked into a fresh store: the report rebuilt from the store alone (no run folder,
+    no retraining) says what the report from the tables exported out of the run folders says."""
+    import yaml
+
+    from palimpsa.config import config_from_dict
+    from palimpsa.results import collect_curves, collect_runs
+    from palimpsa.training import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dirs = []
+    for kind, d_model in (("palimpsa", 16), ("gated_deltanet", 16), ("palimpsa", 24), ("gated_deltanet", 24)):
+        raw_cfg = yaml.safe_load(TINY)
+        raw_cfg["model"]["mixer"]["kind"], raw_cfg["model"]["d_model"] = kind, d_model
+        raw_cfg["tracking"]["tracking_uri"] = uri
+        out = tmp_path / f"{kind}-{d_model}"
+        train(config_from_dict(raw_cfg), out, progress=False)
+        dirs.append(out)
+    collect_runs(dirs).write_parquet(tmp_path / "runs.parquet")
+    collect_curves(dirs).write_parquet(tmp_path / "curves.parquet")
+    from_store = build(
+        parse_args(
+            [
+                "--tracking-uri",
+                uri,
+                "--experiments",
+                "tiny-report",
+                "--out",
+                str(tmp_path / "store" / "index.html"),
+            ]
+        )
+    )
+    from_tables = build(
+        parse_args(
+            [
+                "--runs",
+                str(tmp_path / "runs.parquet"),
+                "--curves",
+                str(tmp_path / "curves.parquet"),
+                "--out",
+                str(tmp_path / "t" / "index.html"),
+            ]
+        )
+    )
+    assert from_store.prepared.runs.height == from_tables.prepared.runs.height == 4
+    shown = {f.name for f in from_store.figures if f.has_data}
+    assert shown == {f.name for f in from_tables.figures if f.has_data}
+    assert {"quality_vs_scale", "learning_curves", "throughput_memory", "compute_matched"} <= shown
+    assert [f.text for f in from_store.findings] == [f.text for f in from_tables.findings]
+    assert any(f.section == "versus" for f in from_store.findings)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reports.build",
+            "--tracking-uri",
+            uri,
+            "--experiments",
+            "nope",
+            "--out",
+            str(tmp_path / "x.html"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
