@@ -111,15 +111,113 @@ def collect_curves(paths: list[str | Path]) -> pl.DataFrame:
     return _frame([row for p in paths for row in read_curve(p)], ("grid", "point", "step"))
 
 
+# --------------------------------------------------------------------------- from the MLflow store
+
+CONFIG_ROOTS = ("model.", "task.", "train.", "seed", "name")
+CURVE_KEYS = ("val_loss", "val_accuracy", "train_loss")
+PARENT_ROLES = ("sweep", "study")
+
+
+def _param_value(text: str) -> Any:
+    """MLflow params are strings; YAML gives back numbers, booleans and None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _mlflow_run_id(tags: dict[str, str], mlflow_id: str) -> str:
+    grid, point = tags.get("grid"), tags.get("grid.point")
+    return f"{grid}/{point}" if grid and point else mlflow_id
+
+
+def build_tables(
+    tracking_uri: str, experiments: list[str] | None = None, curve_keys: tuple[str, ...] = CURVE_KEYS
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(runs, curves) from an MLflow store: the same columns as :func:`collect_runs`, and long curves
+    (``run_id, step, key, value``). Sweep and study parent runs are left out; ``run_id`` is
+    ``grid/point`` for workflow runs (as the folder tables derive it), else the MLflow run id.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if experiments:
+        found = {name: client.get_experiment_by_name(name) for name in experiments}
+        missing = [name for name, exp in found.items() if exp is None]
+        if missing:
+            raise ValueError(f"{tracking_uri}: no MLflow experiment named {missing}")
+        exps = list(found.values())
+    else:
+        exps = client.search_experiments()
+    names = {e.experiment_id: e.name for e in exps}
+    rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    token = None
+    while names:
+        page = client.search_runs(list(names), max_results=1000, page_token=token)
+        for run in page:
+            tags, info = run.data.tags, run.info
+            if tags.get("palimpsa.role") in PARENT_ROLES:
+                continue
+            run_id = _mlflow_run_id(tags, info.run_id)
+            row: dict[str, Any] = {
+                "run_id": run_id,
+                "grid": tags.get("grid", names[info.experiment_id]),
+                "point": tags.get("grid.point", info.run_name),
+                "label": tags.get("grid.point", info.run_name),
+                "experiment": names[info.experiment_id],
+                "run_dir": tags.get("palimpsa.out_dir"),
+                "status": info.status,
+                "mlflow_run_id": info.run_id,
+                "variant": tags.get("axis.variant"),
+                "start_time": info.start_time,
+                "end_time": info.end_time,
+            }
+            for key, value in tags.items():
+                if key.startswith("axis.") and key != "axis.variant":
+                    row[key] = _scalar(_param_value(value))
+            for key, value in run.data.params.items():
+                if key.startswith(CONFIG_ROOTS) and not key.startswith("tracking."):
+                    row[f"cfg.{key}"] = _scalar(_param_value(value))
+            for key, value in run.data.metrics.items():
+                row[f"metric.{key}"] = value
+            rows.append(row)
+            for key in curve_keys:
+                if key in run.data.metrics:
+                    curves += [
+                        {"run_id": run_id, "step": m.step, "key": key, "value": m.value}
+                        for m in client.get_metric_history(info.run_id, key)
+                    ]
+        token = page.token
+        if not token:
+            break
+    runs = _frame(rows, ("run_id", *ID_COLUMNS, "variant"))
+    schema = {"run_id": pl.String, "step": pl.Int64, "key": pl.String, "value": pl.Float64}
+    return runs, pl.DataFrame(curves, schema=schema)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m palimpsa.results RUN_DIR_OR_METRICS... --runs-out T.parquet --curves-out C.parquet``."""
+    """``python -m palimpsa.results (RUN_DIR... | --tracking-uri URI) --runs-out T [--curves-out C]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("runs", nargs="+", help="run folders or their metrics.json")
+    parser.add_argument("runs", nargs="*", help="run folders or their metrics.json")
+    parser.add_argument("--tracking-uri", help="read the MLflow store instead of run folders")
+    parser.add_argument("--experiments", help="comma-separated experiment names (with --tracking-uri)")
     parser.add_argument("--runs-out", required=True)
     parser.add_argument("--curves-out")
     args = parser.parse_args(argv)
+    if bool(args.runs) == bool(args.tracking_uri):
+        parser.error("give run folders or --tracking-uri (one of them)")
+    if args.tracking_uri:
+        experiments = [e for e in (args.experiments or "").split(",") if e] or None
+        runs, curves = build_tables(args.tracking_uri, experiments)
+        Path(args.runs_out).parent.mkdir(parents=True, exist_ok=True)
+        runs.write_parquet(args.runs_out)
+        if args.curves_out:
+            curves.write_parquet(args.curves_out)
+        print(f"{args.runs_out}: {runs.height} runs from {args.tracking_uri}")
+        return 0
     runs = collect_runs(args.runs)
     Path(args.runs_out).parent.mkdir(parents=True, exist_ok=True)
     runs.write_parquet(args.runs_out)

@@ -54,7 +54,7 @@ class TuneSpec:
 
     @property
     def experiment(self) -> str:
-        return f"tune-{self.name}"
+        return self.name if self.name.startswith("tune") else f"tune-{self.name}"
 
 
 def _default_direction(metric: str) -> str:

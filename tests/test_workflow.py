@@ -1,0 +1,266 @@
+"""The Snakemake workflow: dry runs of the full DAG under every profile, a config error naming the key,
+and a real tiny end-to-end run (outputs, MLflow runs and their status, Optuna trials, idempotence,
+one changed point rerunning alone, a failing run failing only its own job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SNAKEMAKE_PROFILE")}
+    return subprocess.run(
+        [*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run: rule -> number of jobs."""
+    table = output.split("Job stats:", 1)[-1]
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+        if m.group(1) != "total"
+    }
+
+
+# --------------------------------------------------------------------------- dry runs
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu", "slurm"])
+def test_dry_run_of_the_full_dag(profile: str, tmp_path: Path) -> None:
+    proc = snakemake("-n", "--nolock", "--profile", f"workflow/profiles/{profile}", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    for rule in ("mlflow_store", "dataset", "sweep", "point_config", "train", "tune_init", "tune_worker"):
+        assert counts.get(rule, 0) >= 1, (rule, counts)
+    assert counts["train"] == counts["point_config"]
+    assert counts["collect"] == 1 and counts["report"] == 1 and counts["tune_best"] >= 1
+    if profile == "default":
+        assert counts["train"] >= 12 and counts["tune_worker"] == 2
+    else:
+        assert counts["train"] > 100 and counts["tune_worker"] == 4
+
+
+def test_gpu_and_slurm_profiles_give_training_jobs_a_gpu() -> None:
+    for profile, expected in (("gpu", r"gpu=1"), ("slurm", r"slurm_partition=gpu.*gpu=1")):
+        proc = snakemake("-n", "--nolock", "--profile", f"workflow/profiles/{profile}", "-p")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        train_block = out.split("rule train:", 1)[1].split("\n\n", 1)[0]
+        resources = next(line for line in train_block.splitlines() if "resources:" in line)
+        assert re.search(expected, resources), resources
+        assert "gpu_slot.py --gpus 1 --" in out, "training jobs take a GPU slot through the launcher"
+
+
+def test_bad_workflow_config_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tuning": {"studies": [], "workers": 0}}))
+    proc = snakemake("-n", "--nolock", "--cores", "1", "--configfile", str(bad))
+    assert proc.returncode != 0
+    assert "tuning.workers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_grid_stops_the_workflow_naming_file_and_key(tmp_path: Path) -> None:
+    grid = tmp_path / "bad-grid.yaml"
+    grid.write_text(
+        yaml.safe_dump({"base": str(ROOT / "ablations/base/mqar-smoke.yaml"), "product": {"seed": [0, 0]}})
+    )
+    proc = snakemake("-n", "--nolock", "--cores", "1", "--config", f"grids=['{grid}']")
+    assert proc.returncode != 0
+    assert f"{grid}: product.seed: duplicate value 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- a real tiny run
+
+TINY_BASE = {
+    "name": "tiny",
+    "seed": 0,
+    "task": {
+        "name": "mqar",
+        "vocab_size": 16,
+        "seq_len": 16,
+        "num_kv_pairs": 2,
+        "num_train": 128,
+        "num_val": 32,
+    },
+    "model": {
+        "d_model": 16,
+        "n_layers": 1,
+        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
+    },
+    "train": {
+        "lr": 1.0e-2,
+        "batch_size": 16,
+        "max_steps": 16,
+        "eval_every": 4,
+        "warmup_steps": 2,
+        "device": "cpu",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory with a 3-point grid, a 2-trial study and a failing grid, run once."""
+    work = tmp_path_factory.mktemp("workflow")
+    (work / "base.yaml").write_text(yaml.safe_dump(TINY_BASE))
+    tiny = {
+        "description": "tiny",
+        "base": "base.yaml",
+        "product": {"model.mixer.kind": ["palimpsa", "mamba2", "deltanet"]},
+    }
+    (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    broken = {
+        "description": "one diverging point",
+        "base": "base.yaml",
+        "product": {"train.lr": [1.0e-2, 1.0e6]},
+    }
+    (work / "broken.yaml").write_text(yaml.safe_dump(broken))
+    study = {
+        "description": "tiny study",
+        "base": "base.yaml",
+        "n_trials": 2,
+        "space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True}},
+    }
+    (work / "tune-tiny.yaml").write_text(yaml.safe_dump(study))
+    config = {
+        "results": "results",
+        "grids": [str(work / "tiny.yaml")],
+        "run_overrides": {"train.num_threads": 1},
+        "data_cache": "results/data",
+        "mlflow": {"tracking_uri": "sqlite:///results/mlflow.db"},
+        "tuning": {"studies": [str(work / "tune-tiny.yaml")], "workers": 2},
+        "report": {"enabled": False},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_tiny(work)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return work
+
+
+def run_tiny(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    return snakemake(
+        "-s", str(ROOT / "Snakefile"), "--directory", str(work), "--configfile", str(work / "config.yaml"),
+        "--cores", "2", "--keep-going", *extra, cwd=work,
+    )  # fmt: skip
+
+
+def mlflow_runs(work: Path, experiment: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+def test_tiny_run_outputs(project: Path) -> None:
+    import polars as pl
+
+    runs_dir = project / "results" / "runs" / "tiny"
+    points = [d for d in runs_dir.iterdir() if d.is_dir()]
+    assert len(points) == 3
+    for d in points:
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["status"] == "FINISHED" and metrics["steps"] == 16
+        assert (d / "run.yaml").is_file() and (d / "history.jsonl").is_file()
+    table = pl.read_parquet(project / "results" / "tables" / "runs.parquet")
+    assert table.height == 3 and set(table["cfg.model.mixer.kind"]) == {"palimpsa", "mamba2", "deltanet"}
+    assert table["status"].to_list() == ["FINISHED"] * 3
+    curves = pl.read_parquet(project / "results" / "tables" / "curves.parquet")
+    assert curves.height == 3 * 4 and set(curves["step"]) == {4, 8, 12, 16}
+    best = yaml.safe_load((project / "results" / "tuning" / "tune-tiny" / "best.yaml").read_text())
+    assert set(best["overrides"]) == {"train.lr"} and 1.0e-3 <= best["overrides"]["train.lr"] <= 3.0e-2
+
+
+@pytest.mark.slow
+def test_tiny_run_is_tracked(project: Path) -> None:
+    runs = mlflow_runs(project, "tiny")
+    sweep = [r for r in runs if r.data.tags.get("palimpsa.role") == "sweep"]
+    points = [r for r in runs if r.data.tags.get("palimpsa.role") == "point"]
+    assert len(sweep) == 1 and len(points) == 3
+    assert all(r.info.status == "FINISHED" for r in points)
+    assert {r.data.tags["mlflow.parentRunId"] for r in points} == {sweep[0].info.run_id}
+    assert {r.data.tags["grid.point"] for r in points} == {
+        d.name for d in (project / "results" / "runs" / "tiny").iterdir() if d.is_dir()
+    }
+    trials = [r for r in mlflow_runs(project, "tune-tiny") if r.data.tags.get("palimpsa.role") == "trial"]
+    study = [r for r in mlflow_runs(project, "tune-tiny") if r.data.tags.get("palimpsa.role") == "study"]
+    assert len(study) == 1 and len(trials) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {study[0].info.run_id}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
+
+
+@pytest.mark.slow
+def test_tiny_study_has_its_trials(project: Path) -> None:
+    import optuna
+
+    from palimpsa.tuning import load_tune_spec, make_storage
+
+    spec = load_tune_spec(project / "tune-tiny.yaml")
+    storage = make_storage(None, project / "results" / "tuning" / "tune-tiny")
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    states = [t.state for t in study.trials]
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert len(states) == 2 and all(s in done for s in states)
+    workers = sorted((project / "results" / "tuning" / "tune-tiny").glob("worker-*.json"))
+    assert len(workers) == 2
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(project: Path) -> None:
+    proc = run_tiny(project, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_changing_one_point_reruns_only_it(project: Path) -> None:
+    path = project / "tiny.yaml"
+    original = path.read_text()
+    grid = yaml.safe_load(original)
+    grid["product"]["model.mixer.kind"] = ["palimpsa", "mamba2", "gated_deltanet"]
+    try:
+        path.write_text(yaml.safe_dump(grid))
+        proc = run_tiny(project, "-n")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts = job_counts(proc.stdout + proc.stderr)
+        assert counts.get("train") == 1 and counts.get("point_config") == 1, counts
+        assert "gated-deltanet" in proc.stdout + proc.stderr
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.slow
+def test_failing_run_fails_alone(project: Path) -> None:
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["grids"].append(str(project / "broken.yaml"))
+    (project / "config-broken.yaml").write_text(yaml.safe_dump(config))
+    broken = str(project / "config-broken.yaml")
+    proc = snakemake(
+        "-s", str(ROOT / "Snakefile"), "--directory", str(project), "--configfile", broken,
+        "--cores", "2", "--keep-going", "--show-failed-logs", cwd=project,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: non-finite" in out, "the trainer's message reaches the user"
+    runs = [r for r in mlflow_runs(project, "broken") if r.data.tags.get("palimpsa.role") == "point"]
+    status = {r.data.tags["axis.train.lr"]: r.info.status for r in runs}
+    assert status == {"0.01": "FINISHED", "1000000.0": "FAILED"}, status
+    ok = [d for d in (project / "results" / "runs" / "broken").iterdir() if (d / "metrics.json").is_file()]
+    assert len(ok) == 1, "the good point of the grid still finished"
+    counts = job_counts(out)
+    assert "train" in counts and counts.get("tune_worker", 0) == 0, "nothing of the finished grid reran"
