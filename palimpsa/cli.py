@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("palimpsa.cli:train_command", "train one run from a YAML config (resumes from --out)"),
     "convert": ("palimpsa.cli:convert_command", "metaplastic conversion of a checkpoint"),
     "eval": ("palimpsa.cli:eval_command", "evaluate a checkpoint on its task's validation set"),
+    "tune": ("palimpsa.tuning:cli_command", "run an Optuna study over a YAML search space"),
+    "grid": ("palimpsa.grid:cli_command", "validate ablation grids and list their points"),
 }
 
 # Exceptions that are the user's to fix: "module:Class", resolved only when an error is being reported.
