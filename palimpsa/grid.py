@@ -615,23 +615,22 @@ def write_point(
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``palimpsa grid FILE...``: validate grids and list their points (id and axis values)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="palimpsa grid", description=main.__doc__)
+def add_arguments(parser: Any) -> None:
     parser.add_argument("grids", nargs="+", help="grid YAML files")
     parser.add_argument("--json", action="store_true", help="print the points as JSON")
-    args = parser.parse_args(argv)
+
+
+def run_cli(args: Any) -> int:
+    """Validate grids and list their points; a malformed grid prints one line and returns 2."""
+    import sys
+
     out = []
     try:
         for ref in args.grids:
             grid = load_grid(ref)
             if args.json:
-                out.append(
-                    {"grid": grid.name, "points": [{"id": p.point_id, "axes": p.axes} for p in grid.points]}
-                )
+                points = [{"id": p.point_id, "axes": p.axes} for p in grid.points]
+                out.append({"grid": grid.name, "points": points})
             else:
                 print(f"{grid.name}: {len(grid.points)} points ({grid.description})")
                 for p in grid.points:
@@ -644,6 +643,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=1, default=str))
     return 0
+
+
+def cli_command(parser: Any) -> Any:
+    """``palimpsa grid``: the CLI's subcommand hook (adds the arguments, returns the runner)."""
+    add_arguments(parser)
+    return run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``palimpsa grid FILE...``: validate grids and list their points (id and axis values)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="palimpsa grid", description=main.__doc__)
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

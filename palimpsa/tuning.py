@@ -499,24 +499,23 @@ def run_study(
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``palimpsa tune SPEC``: run an Optuna study (or one stage of it, for parallel workflow jobs)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="palimpsa tune", description=main.__doc__)
+def add_arguments(parser: Any) -> None:
     parser.add_argument("spec", help="study spec YAML (ablations/tune-*.yaml)")
     parser.add_argument("--out", help="output folder (default results/tuning/<study>)")
     parser.add_argument("--storage", help="journal file path or database URL (default: <out>/optuna.journal)")
     parser.add_argument("--n-trials", type=int, help="total trials in the study (default: the spec's)")
     parser.add_argument("--stage", choices=["all", "init", "work", "best"], default="all")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override on every trial"
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override every trial"
     )
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite)")
     parser.add_argument("--data-dir", help="cache folder for generated task data")
     parser.add_argument("--done-file", help="write this worker's tally as JSON here (workflow marker)")
-    args = parser.parse_args(argv)
+
+
+def run_cli(args: Any) -> int:
+    """Run the stages ``args.stage`` asks for; user errors print one line and return 2."""
     try:
         extra = {}
         for item in args.set:
@@ -547,6 +546,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli_command(parser: Any) -> Any:
+    """``palimpsa tune``: the CLI's subcommand hook (adds the arguments, returns the runner)."""
+    add_arguments(parser)
+    return run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``palimpsa tune SPEC``: run an Optuna study (or one stage of it, for parallel workflow jobs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="palimpsa tune", description=main.__doc__)
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
