@@ -212,6 +212,8 @@ class TrainState:
     train_seconds: float = 0.0  # forward/backward/update only: the throughput denominator
     tokens: int = 0
     mlflow_run_id: str | None = None
+    losses_since_eval: list[float] = field(default_factory=list)  # kept so a resumed run logs the same
+    losses_since_log: list[float] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -423,7 +425,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value) or not math.isfinite(grad_norm):  # checked before the update
             what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {grad_norm}"
             raise NonFiniteError(f"non-finite {what} at step {self.state.step + 1}")
@@ -475,7 +477,8 @@ class Trainer:
             "wall_seconds": self.elapsed(),
         }
         st.history.append(entry)
-        tracker.log_metrics({**{k: v for k, v in entry.items() if k != "step"}, **diag}, step=st.step)
+        logged = {k: v for k, v in entry.items() if k not in ("step", "epoch", "train_loss")}  # per-step keys
+        tracker.log_metrics({**logged, **diag}, step=st.step)
         atomic_write(self.out / HISTORY, lambda h: h.writelines(json.dumps(e) + "\n" for e in st.history))
         self._check_stop(metrics)
         return {**entry, "diagnostics": diag}
@@ -497,7 +500,6 @@ class Trainer:
         """Train until the plan, the target or patience ends it; returns the last eval (or None)."""
         st, plan = self.state, self.plan
         last_eval: dict[str, Any] | None = None
-        window: list[float] = []
         window_tokens, window_start = 0, time.perf_counter()
         batches = self.batches()
         while st.step < plan.total_steps and st.stop_reason is None:
@@ -508,14 +510,15 @@ class Trainer:
             st.train_seconds += time.perf_counter() - start
             st.step += 1
             st.tokens += x.numel()
-            window.append(loss)
+            st.losses_since_eval.append(loss)
+            st.losses_since_log.append(loss)
             window_tokens += x.numel()
             progress.update(st.step, loss)
             if st.step % self.log_every == 0:
                 now = time.perf_counter()
                 tracker.log_metrics(
                     {
-                        "train_loss": sum(window) / len(window),
+                        "train_loss": _mean(st.losses_since_log),
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
@@ -523,10 +526,10 @@ class Trainer:
                     },
                     step=st.step,
                 )
-                window_tokens, window_start = 0, now
+                window_tokens, window_start, st.losses_since_log = 0, now, []
             if st.step % plan.eval_every == 0 or st.step == plan.total_steps:
-                last_eval = self.run_eval(tracker, sum(window) / len(window))
-                window = []
+                last_eval = self.run_eval(tracker, _mean(st.losses_since_eval))
+                st.losses_since_eval = []
                 progress.eval_line(last_eval, self.data.metric)
                 if self.on_eval is not None:  # e.g. Optuna: report, maybe raise StopTraining
                     self.on_eval(st.step, last_eval)
@@ -630,6 +633,25 @@ class Progress:
         self.bar.close()
 
 
+def _summary_metrics(result: dict[str, Any], evaluated_at_end: bool) -> dict[str, float]:
+    """The end-of-run numbers for MLflow; eval metrics only if the loop's last eval did not log them."""
+    skip = {"seed", "val_loss", "val_accuracy"}
+    out = {}
+    for key, value in result.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or key in skip:
+            continue
+        if key.startswith("diag.") and not evaluated_at_end:
+            continue
+        out[key] = value
+    if evaluated_at_end:
+        out.update({k: result[k] for k in ("val_loss", "val_accuracy") if k in result})
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _read_run_id(out: Path) -> str | None:
     path = out / RUN_ID
     if not path.exists():
@@ -700,11 +722,7 @@ def train(
         trainer.save_checkpoint()
         result = trainer.final_metrics(last_eval)
         tracker.log_metrics(
-            {
-                k: v
-                for k, v in result.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed",)
-            },
+            _summary_metrics(result, evaluated_at_end=last_eval is None or last_eval["step"] != st.step),
             step=st.step,
         )
         staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
@@ -723,7 +741,7 @@ def train(
         return result
     except NonFiniteError as err:
         bar.close()
-        write_json(out / FAILED, {"status": "FAILED", "reason": str(err), "step": st.step})
+        write_json(out / FAILED, {"status": "FAILED", "reason": str(err), "step": st.step + 1})
         tracker.end("FAILED", reason=str(err))
         raise
     except StopTraining as err:
