@@ -74,6 +74,8 @@ def _triton(chunk_size):
     [
         ((2, 37, 2, 5, 12), 16),  # odd K and V; T % chunk != 0; several chunks and sub-chunks
         ((1, 40, 1, 48, 20), 32),  # K = 48 (not a power of two)
+        ((1, 30, 1, 3, 80), 16),  # V = 80 > one V block: dk, dq, d log alpha summed over V blocks
+        ((1, 18, 1, 130, 7), 16),  # K = 130 > 128
     ],
 )
 def test_outputs_and_all_gradients_match_float64(shape, chunk_size):

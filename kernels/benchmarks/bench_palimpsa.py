@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     ap.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
+    ap.add_argument("--shapes", nargs="*", help="shape names to run (default: all)")
+    ap.add_argument("--impls", nargs="*", help="implementations to run (default: all available)")
     args = ap.parse_args(argv)
     device = torch.cuda.get_device_name()
     versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
@@ -158,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         versions["fla"] = None
     records = []
     shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = [s for s in shapes if not args.shapes or s[0] in args.shapes]
     for name, shape in shapes:
         B, T, H, K, V = shape
         for impl, (make, fwd) in impls(*shape).items():
+            if args.impls and impl not in args.impls:
+                continue
             rec = {"shape_name": name, "shape": dict(zip("BTHKV", shape, strict=True)), "impl": impl}
             rec |= {"device": device, **versions}
             try:
