@@ -131,8 +131,8 @@ def fla_gradient_error(op: str, device: torch.device, T: int = 128, D: int = 64)
             return fn(x[0], x[1], x[2], x[3], x[5] if len(x) > 5 else None, None, x[4], True)
 
         fns = (_fla_delta_rule, naive_chunk_delta_rule)
-    gout = torch.randn(B, T, H, D, generator=gen, device=device)
-    gstate = torch.randn(B, H, D, D, generator=gen, device=device)
+    gout = torch.randn(B, T, H, D, generator=gen).to(device)
+    gstate = torch.randn(B, H, D, D, generator=gen).to(device)
     results = []
     for fn, cast in zip(fns, (None, torch.float32), strict=True):
         x = [(t if cast is None else t.to(cast)).to(device).requires_grad_() for t in inputs]
