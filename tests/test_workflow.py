@@ -264,3 +264,59 @@ def test_failing_run_fails_alone(project: Path) -> None:
     assert len(ok) == 1, "the good point of the grid still finished"
     counts = job_counts(out)
     assert "train" in counts and counts.get("tune_worker", 0) == 0, "nothing of the finished grid reran"
+
+
+# --------------------------------------------------------------------------- GPU slots
+
+
+def launch(gpus: int, visible: str, lock_dir: Path, hold_s: float) -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PALIMPSA_GPU_LOCK_DIR": str(lock_dir)}
+    env.pop("SLURM_JOB_ID", None)
+    code = "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], time.time(), flush=True); "
+    code += f"time.sleep({hold_s})"
+    cmd = [
+        sys.executable,
+        str(ROOT / "workflow/scripts/gpu_slot.py"),
+        "--gpus",
+        str(gpus),
+        "--",
+        sys.executable,
+    ]
+    return subprocess.Popen([*cmd, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+
+
+def test_gpu_slots_give_each_job_its_own_device(tmp_path: Path) -> None:
+    jobs = [launch(1, "3,5", tmp_path, 1.5) for _ in range(2)]
+    seen = [job.communicate(timeout=60)[0].split()[0] for job in jobs]
+    assert sorted(seen) == ["3", "5"] and all(job.returncode == 0 for job in jobs)
+
+
+def test_gpu_slots_queue_when_all_are_taken(tmp_path: Path) -> None:
+    first = launch(1, "0", tmp_path, 2.0)
+    started = float(first.stdout.readline().split()[1])
+    second = launch(1, "0", tmp_path, 0.0)
+    device, begun = second.communicate(timeout=60)[0].split()
+    first.communicate(timeout=60)
+    assert device == "0" and float(begun) >= started + 1.9, "the second job waited for the GPU"
+
+
+def test_gpu_slots_hide_gpus_from_cpu_jobs_and_pass_exit_codes(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    code = "import os, sys; sys.exit(0 if os.environ['CUDA_VISIBLE_DEVICES'] == '' else 3)"
+    script = str(ROOT / "workflow/scripts/gpu_slot.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--gpus", "0", "--", sys.executable, "-c", code], env=env, check=False
+    )
+    assert proc.returncode == 0
+    fail = subprocess.run(
+        [sys.executable, script, "--", sys.executable, "-c", "raise SystemExit(7)"], check=False
+    )
+    assert fail.returncode == 7
+    short = subprocess.run(
+        [sys.executable, script, "--gpus", "3", "--", "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert short.returncode == 1 and "needs 3 GPU(s) but 2 are visible" in short.stderr
