@@ -10,12 +10,13 @@ run (status back to RUNNING) instead of leaving an orphan and starting a duplica
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,15 +139,20 @@ class MlflowTracker(NullTracker):
         db = sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = _retry(lambda: MlflowClient(tracking_uri=self.uri), "connect")
         self._ended = False
         self._monitor: Any = None
         self.resumed = False
         self.run_id = None
+        with _store_lock(db):  # parallel jobs must not create the schema or the experiment twice
+            self.client = _retry(lambda: MlflowClient(tracking_uri=self.uri), "connect")
+            self.client.search_experiments(max_results=1)  # forces the schema (migrations) into place
+            experiment_id = None if run_id else self._experiment_id(cfg.experiment or default_name, db)
         if run_id:
             self.run_id = self._reopen(run_id)
         if self.run_id is None:
-            experiment_id = self._experiment_id(cfg.experiment or default_name, db)
+            if experiment_id is None:
+                with _store_lock(db):
+                    experiment_id = self._experiment_id(cfg.experiment or default_name, db)
             tags = {str(k): str(v) for k, v in cfg.tags.items()}
             if cfg.parent_run_id:
                 tags["mlflow.parentRunId"] = cfg.parent_run_id
@@ -261,6 +267,24 @@ class MlflowTracker(NullTracker):
             except Exception as err:
                 log.warning("mlflow: could not record failure reason: %s", err)
         _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path | None) -> Iterator[None]:
+    """Exclusive lock beside a SQLite store: MLflow's schema migrations are not safe to run concurrently."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, parallel first use of a fresh store may fail
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _safe(name: str) -> str:

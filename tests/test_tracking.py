@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -225,3 +227,24 @@ def test_interrupted_run_is_killed_then_continued(tmp_path):
     (run,) = runs_of(uri)  # the same run, continued: no duplicate, no orphan
     assert run.info.status == "FINISHED" and run.info.run_id == result["mlflow_run_id"]
     assert run.data.tags["palimpsa.resumed"] == "true"
+
+
+def test_parallel_jobs_share_a_fresh_store(tmp_path):
+    """Workflow jobs start together on a store that does not exist yet: the schema is created once."""
+    uri = store(tmp_path)
+    code = (
+        "import sys; from palimpsa.config import TrackingConfig; "
+        "from palimpsa.tracking import MlflowTracker; "
+        f"t = MlflowTracker(TrackingConfig(tracking_uri={uri!r}, experiment='par'), 'j' + sys.argv[1], "
+        "system_metrics=False); t.log_metrics({'x': 1.0}, step=0); t.end()"
+    )
+    root = Path(__file__).resolve().parents[1]
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=root, stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    errors = [job.communicate(timeout=240)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], errors
+    runs = runs_of(uri, "par")
+    assert sorted(r.info.run_name for r in runs) == ["j0", "j1", "j2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
