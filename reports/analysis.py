@@ -79,6 +79,29 @@ def paired_delta(prep: Prepared, column: str, a_value, b_value, kinds=METAPLASTI
     )
 
 
+def ip_families(prep: Prepared) -> pl.DataFrame:
+    """Selected metaplastic runs in families that differ only in the prior precision Ip.
+
+    Adds ``family`` (the model label without its Ip) and keeps families run at two or more Ip values
+    within one task and size; a config that also changes, say, the gates forms its own family.
+    """
+    col = "model.mixer.ip"
+    if col not in prep.selected.columns or "model.mixer.metaplastic" not in prep.selected.columns:
+        return pl.DataFrame()
+    meta = prep.selected.filter(
+        pl.col("model.mixer.kind").is_in(list(METAPLASTIC_KINDS)) & pl.col("model.mixer.metaplastic")
+    ).with_columns(
+        pl.col("model")
+        .str.replace_all(r"Ip=[^,)]+(, )?", "")
+        .str.replace(r", \)$", ")")
+        .str.replace(r" \(\)$", "")
+        .alias("family")
+    )
+    counts = meta.group_by("task", "size", "family").agg(pl.col(col).n_unique().alias("n_ip"))
+    keep = counts.filter(pl.col("n_ip") >= 2).select("task", "size", "family")
+    return meta.join(keep, on=["task", "size", "family"]).sort("task", "size", "family", col)
+
+
 def sorted_by_size(prep: Prepared, df: pl.DataFrame) -> pl.DataFrame:
     order = {s: i for i, s in enumerate(size_order(prep))}
     return df.with_columns(pl.col("size").replace_strict(order, default=-1).alias("_order")).sort(

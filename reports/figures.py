@@ -21,7 +21,6 @@ import polars as pl  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import analysis  # noqa: E402
-from reports.compute import METAPLASTIC_KINDS  # noqa: E402
 from reports.tables import Prepared, size_order  # noqa: E402
 from reports.tuning import TuningData  # noqa: E402
 
@@ -210,23 +209,18 @@ def prior_continuum(prep: Prepared, tuning: Studies = None) -> FigureResult:
     col = "model.mixer.ip"
     if col not in prep.selected.columns:
         return _skip(name, title, "the runs table has no model.mixer.ip column")
-    meta = prep.selected.filter(
-        pl.col("model.mixer.kind").is_in(list(METAPLASTIC_KINDS)) & pl.col("model.mixer.metaplastic")
-    )
-    per_size = meta.group_by("task", "size").agg(pl.col(col).n_unique().alias("n_ip"))
-    swept = per_size.filter(pl.col("n_ip") >= 2)
-    if swept.height == 0:
+    data = analysis.ip_families(prep)
+    if data.height == 0:
         return _skip(
             name, title, "no size has metaplastic runs at two or more prior precisions Ip (no Ip sweep)"
         )
-    data = meta.join(swept.select("task", "size"), on=["task", "size"])
-    groups = swept.sort("task", "size").rows()
+    groups = data.select("task", "size").unique().sort("task", "size").rows()
     fig, axes = _panels(len(groups), width=4.8)
     limits = analysis.model_means(prep)
-    for ax, (task, size, _) in zip(axes, groups, strict=True):
+    for ax, (task, size) in zip(axes, groups, strict=True):
         d = data.filter((pl.col("task") == task) & (pl.col("size") == size)).to_pandas()
-        sns.lineplot(d, x=col, y="quality", hue="model.mixer.kind", errorbar="sd", marker="o", ax=ax)
-        sns.scatterplot(d, x=col, y="quality", hue="model.mixer.kind", alpha=0.4, s=20, legend=False, ax=ax)
+        sns.lineplot(d, x=col, y="quality", hue="family", errorbar="sd", marker="o", ax=ax)
+        sns.scatterplot(d, x=col, y="quality", hue="family", alpha=0.4, s=20, legend=False, ax=ax)
         ref = limits.filter((pl.col("task") == task) & (pl.col("size") == size))
         for kind_filter, style, label in (
             (pl.col("model.mixer.kind") == "mamba2", "--", "Mamba2 (Ip -> inf)"),

@@ -15,8 +15,7 @@ from typing import Any
 import polars as pl
 
 from reports import analysis
-from reports.compute import METAPLASTIC_KINDS
-from reports.tables import KIND_NAMES, Prepared, size_order
+from reports.tables import Prepared, size_order
 
 
 @dataclass
@@ -68,7 +67,7 @@ SECTIONS = {
 def fmt(value: float, kind: str = "value") -> str:
     """The printed form of a number; tests compare recomputed values through the same function."""
     if kind == "signed":
-        return f"{value:+.3f}"
+        return f"{value:+.1e}" if 0 < abs(value) < 5e-4 else f"{value:+.3f}"
     if kind == "ratio" or kind == "corr":
         return f"{value:.2f}"
     if kind == "count":
@@ -114,13 +113,14 @@ class _Builder:
         sel = self.prep.selected.filter(pl.col("config_key") == config_key)
         vals = sel.filter(pl.col(column).is_not_null()).get_column(column)
         value = float(vals.mean())
+        source = self.prep.metric if column == "quality" else column  # the runs table's own column
         return self.add(
             Number(
-                name=f"mean({column})[{tag}]",
+                name=f"mean({source})[{tag}]",
                 value=value,
                 text=fmt(value),
                 op="mean",
-                column=column,
+                column=source,
                 filter=self._filter(config_key),
                 run_ids=sorted(sel.get_column("run_id").to_list()),
             )
@@ -271,7 +271,7 @@ def metaplastic_deltas(b: _Builder) -> tuple[list[Finding], list[tuple[str, str,
             a_row = _model_row(b, p["task"], p["size"], p["model"])
             b_row = _model_row(b, p["task"], p["size"], p["model_b"])
             rows.append((p["task"], p["size"], a_row, b_row))
-        baseline = "its twin with metaplasticity off (beta = 0)"
+        baseline = "its twin with metaplasticity off (no precision gate)"
     else:
         mamba = analysis.main_label(prep, "mamba2")
         if main is None or mamba is None:
@@ -389,25 +389,21 @@ def gates(b: _Builder) -> list[Finding]:
 def prior(b: _Builder) -> list[Finding]:
     prep = b.prep
     col = "model.mixer.ip"
-    if col not in prep.selected.columns:
+    fam = analysis.ip_families(prep)
+    if fam.height == 0:
         return []
     out = []
-    meta = prep.selected.filter(
-        pl.col("model.mixer.kind").is_in(list(METAPLASTIC_KINDS)) & pl.col("model.mixer.metaplastic")
-    )
     tasks = b.means.get_column("task").unique().sort().to_list()
-    for (task, size, kind), grp in meta.group_by("task", "size", "model.mixer.kind", maintain_order=True):
-        ips = grp.select("config_key", col).unique(subset="config_key")
-        if ips.get_column(col).n_unique() < 2:
-            continue
+    for (task, size, family), grp in fam.group_by("task", "size", "family", maintain_order=True):
+        ips = grp.select("config_key", col).unique(subset="config_key").sort(col)
         means = [
-            (row[col], b.mean(row["config_key"], "quality", f"Ip={row[col]:g}@{kind}@{size}@{task}"))
-            for row in ips.sort(col).iter_rows(named=True)
+            (row[col], b.mean(row["config_key"], "quality", f"Ip={row[col]:g}@{family}@{size}@{task}"))
+            for row in ips.iter_rows(named=True)
         ]
         best = (max if prep.higher_is_better else min)(means, key=lambda m: m[1].value)
         listing = ", ".join(f"Ip={ip:g}: {m.text}" for ip, m in means)
         text = (
-            f"{_where(task, size, len(tasks))}, {KIND_NAMES.get(kind, kind)}'s best prior precision is "
+            f"{_where(task, size, len(tasks))}, {family}'s best prior precision is "
             f"Ip={best[0]:g} ({prep.metric} by Ip, {listing})."
         )
         out.append(Finding("prior", text, [m for _, m in means]))

@@ -105,6 +105,24 @@ def _findings(findings: list[Finding]) -> str:
     return "".join(parts)
 
 
+def summary_table(prep: Prepared) -> pl.DataFrame:
+    """Mean and sd of the metric with the measured cost columns, one row per (task, size, model)."""
+    sel = prep.selected
+    extra = [c for c in ("num_params", "state_elements", "tokens_per_second", "flops") if c in sel.columns]
+    out = (
+        sel.group_by("task", "size", "model")
+        .agg(
+            pl.col("train.lr").first().alias("lr"),
+            pl.col("seed").n_unique().alias("seeds"),
+            pl.col("quality").mean().alias(f"mean {prep.metric}"),
+            pl.col("quality").std().alias("sd"),
+            *[pl.col(c).mean() for c in extra],
+        )
+        .sort("task", "size", "model")
+    )
+    return out if out.get_column("task").n_unique() > 1 else out.drop("task")
+
+
 def render(
     title: str,
     prep: Prepared,
@@ -144,6 +162,9 @@ def render(
         items = "".join(f"<li><b>{_e(r.title)}</b>: {_e(r.skipped)}</li>" for r in skipped)
         body.append(f"<h2>Figures not drawn ({len(skipped)})</h2><div class='skipped'><ul>{items}</ul></div>")
     body += [
+        "<h2>Results table</h2>",
+        "<p class='meta'>Per model and size, at the chosen learning rate, over all its seeds.</p>",
+        _table(summary_table(prep)),
         "<h2>Learning-rate selection</h2>",
         _table(
             prep.lr_choice.drop("config_key").rename(
