@@ -21,7 +21,7 @@ import polars as pl  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import analysis  # noqa: E402
-from reports.tables import Prepared, size_order  # noqa: E402
+from reports.tables import KIND_NAMES, Prepared, size_order  # noqa: E402
 from reports.tuning import TuningData  # noqa: E402
 
 DPI = 110
@@ -230,6 +230,9 @@ def prior_continuum(prep: Prepared, tuning: Studies = None) -> FigureResult:
             for row in r.iter_rows(named=True):
                 ax.axhline(row["mean"], ls=style, color="0.3", label=f"{label}: {row['model']}")
         ax.set(xscale="log", xlabel="prior precision Ip", ylabel=prep.metric, title=f"{task}, {size}")
+        ips = sorted(set(d[col].tolist()))
+        ax.set_xticks(ips, [f"{v:g}" for v in ips])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     _legend_outside(fig, axes)
     caption = (
         f"{prep.metric} against the prior precision Ip of metaplastic mixers (mean +-1 sd over all seeds at "
@@ -254,7 +257,12 @@ def ablation_deltas(prep: Prepared, tuning: Studies = None) -> FigureResult:
         if d.height:
             parts.append(
                 d.with_columns(
-                    pl.concat_str(pl.col("model.mixer.kind"), pl.lit(f": {label}")).alias("comparison"),
+                    pl.concat_str(
+                        pl.col("model.mixer.kind").replace_strict(
+                            KIND_NAMES, default=pl.col("model.mixer.kind")
+                        ),
+                        pl.lit(f": {label}"),
+                    ).alias("comparison"),
                     (
                         (
                             pl.col("std").fill_null(0) ** 2 / pl.col("n")
@@ -288,9 +296,8 @@ def ablation_deltas(prep: Prepared, tuning: Studies = None) -> FigureResult:
             )
         ax.axhline(0, color="0.2", lw=0.8)
         ax.set_xticks(range(len(sizes)), sizes, rotation=20)
-        better = "higher" if prep.higher_is_better else "lower"
         ax.set(
-            ylabel=f"delta {prep.metric} ({better} is better, >0: first wins)",
+            ylabel=f"delta {prep.metric}\n(>0: first better)",
             title=task if len(tasks) > 1 else None,
         )
     _legend_outside(fig, axes)
@@ -648,6 +655,7 @@ def optuna_history(prep: Prepared, tuning: Studies = None) -> FigureResult:
             done.get_column("number").to_list(), best.to_list(), where="post", color="C3", label="best so far"
         )
         ax.set(xlabel="trial", ylabel="objective", title=t.study_name)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         pruned = t.trials.filter(pl.col("state") == "PRUNED").height
         other = t.trials.height - done.height - pruned
         lines.append(
