@@ -118,7 +118,7 @@ def test_extreme_gates_stay_finite_and_accurate():
     seed = 23
     ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
     out, grad = forward_backward(_triton(16), xs, torch.float32, seed)
-    assert_close(out + grad, ref_out + ref_grad, NAMES, out_tol=1e-4, grad_tol=1e-3)
+    assert_close(out + grad, ref_out + ref_grad, NAMES)
 
 
 def test_beta_zero_is_the_gated_linear_attention_limit():

@@ -17,11 +17,10 @@ Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t,
   5. ``_main_bwd``: per (chunk, head, V block), walk the chunk backwards token by token, carrying
      ``dM_t, dIbar_t`` from ``E_c``. The forward state after token ``t`` comes straight from the chunk's
      boundary state by one masked tensor-core product, ``e^{G_t} S + (u * w_t)^T @ k``, so no per-token
-     state is ever stored; then ``du, dbeta, dk, dq``, the ``Ip`` gradient and the pieces of ``d log alpha``.
+     state is ever stored; then ``du, dbeta, dk, dq``, ``d log alpha`` and the ``Ip`` gradient.
 
-``d log alpha_t = sum_{s >= t} (Phi_s - u_s . du_s - beta_s . dbeta_s)`` with
-``Phi_s = <D^M_s, M_s> + <D^I_s, Ibar_s>``: every term is local to one token, so the sum is a reverse
-cumulative sum done once at the end (derivation in ``notes.md`` beside the benchmarks).
+``d log alpha_t = alpha_t <dS_t, S_{t-1}>`` is formed per token from the same on-chip states (no
+cumulative sums, so no cancellation across the sequence).
 """
 
 from __future__ import annotations
@@ -276,8 +275,11 @@ def _main_bwd(
             wr = wv[:, None] * r
             d_i -= wr * r * (qt * qt)[None, :]
             dq_t += 2.0 * qt * tl.sum(wr, axis=0)
-        phi = tl.sum(tl.sum(d_m * m_t + d_i * i_t, axis=1), axis=0)
         dip_acc += tl.sum(tl.sum(d_i, axis=1), axis=0)
+        # d log alpha_{t+1} = alpha_{t+1} <dS_{t+1}, S_t> (this V block's share); token t+1 < L only
+        nxt_la = a_next * tl.sum(tl.sum(gm * m_t + gi * i_t, axis=1), axis=0)
+        one = (tc == 0) & (tc + t + 1 < L)  # a single active lane, and only inside the chunk
+        _put(dla + (tok + 1) * H + h + tc * 0, nxt_la + tl.zeros([C], dtype=tl.float32), one, ATOMIC)
         # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}
         gm = d_m + a_next * gm
         gi = d_i + a_next * gi
@@ -285,18 +287,27 @@ def _main_bwd(
         du_t = tl.sum(gm * kt[None, :], axis=1)
         db_t = tl.sum(gi * (kt * kt)[None, :], axis=1)
         dk_t = tl.sum(gm * ut[:, None], axis=0) + 2.0 * kt * tl.sum(gi * bt[:, None], axis=0)
-        piece = phi - tl.sum(ut * du_t + bt * db_t, axis=0)
-        tl.store(du + (tok * H + h) * V + ov, du_t, mask=mv)
-        tl.store(db + (tok * H + h) * V + ov, db_t, mask=mv)
+        tl.store(du + (tok * H + h) * V + ov, du_t.to(du.dtype.element_ty), mask=mv)
+        tl.store(db + (tok * H + h) * V + ov, db_t.to(db.dtype.element_ty), mask=mv)
         if ATOMIC:
             tl.atomic_add(dk + (tok * H + h) * K + ok, dk_t, mask=mk, sem="relaxed")
             tl.atomic_add(dq + (tok * H + h) * K + ok, dq_t, mask=mk, sem="relaxed")
-            tl.atomic_add(dla + tok * H + h, piece, sem="relaxed")
         else:
-            tl.store(dk + (tok * H + h) * K + ok, dk_t, mask=mk)
-            tl.store(dq + (tok * H + h) * K + ok, dq_t, mask=mk)
-            tl.store(dla + tok * H + h, piece)
+            tl.store(dk + (tok * H + h) * K + ok, dk_t.to(dk.dtype.element_ty), mask=mk)
+            tl.store(dq + (tok * H + h) * K + ok, dq_t.to(dq.dtype.element_ty), mask=mk)
+    # the chunk's first token reads the boundary state
+    first_la = a_next * tl.sum(tl.sum(gm * sm + gi * si, axis=1), axis=0)
+    _put(dla + t0 * H + h + tc * 0, first_la + tl.zeros([C], dtype=tl.float32), tc == 0, ATOMIC)
     tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, dip_acc)
+
+
+@triton.jit
+def _put(ptr, val, mask, ATOMIC: tl.constexpr):
+    """Store, or add when several programs (V blocks) own shares of the same value."""
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, val, mask=mask)
 
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
@@ -387,10 +398,11 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
         NVm = triton.cdiv(V, BVm)
         atomic = NVm > 1  # dk, dq and d log alpha sum over V blocks
-        dq = (torch.zeros if atomic else torch.empty)(q.shape, device=q.device, dtype=torch.float32)
-        dk = torch.zeros_like(dq) if atomic else torch.empty_like(dq)
-        du = torch.empty(u.shape, device=q.device, dtype=torch.float32)
-        db = torch.empty_like(du)
+        # gradients written once go straight into the inputs' dtypes; shared ones accumulate in fp32
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
+        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
+        du = torch.empty_like(u)
+        db = torch.empty_like(beta)
         dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
         dip = q.new_empty(NVm, NT, H, dtype=torch.float32)
         _main_bwd[(NVm, NT, H)](
@@ -399,11 +411,6 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
             num_warps=CONFIG["main_warps"],
         )  # fmt: skip
-        # d log alpha: reverse cumulative sum of the per-token pieces within each sequence
-        dla = layout.reverse_cumsum(dla)
-        if has_dfinal:  # the final state is read after every token of its sequence
-            phi_T = (dTm * hTm).sum((-1, -2)) + (dTi * hTi).sum((-1, -2))  # [N, H]
-            dla = dla + layout.per_token(phi_T)
         dip = dip.sum((0, 1))
         dm0 = d0m if use_init else None
         di0 = d0i if use_init else None

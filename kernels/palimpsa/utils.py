@@ -24,26 +24,8 @@ class SequenceLayout:
     cu_seqlens: Tensor  # [N + 1] int32, token offsets of the sequences
     chunk_offsets: Tensor  # [N + 1] int32, first global chunk of each sequence
     chunk_index: Tensor  # [NT, 2] int32, (sequence, chunk within sequence) of each global chunk
-    seq_of_token: Tensor  # [total_T] int64
     num_seqs: int
     num_chunks: int
-    batch_shape: tuple[int, int] | None  # (B, T) when every sequence has the same length
-
-    def reverse_cumsum(self, x: Tensor) -> Tensor:
-        """``out_t = sum_{s >= t, same sequence} x_s`` for ``x`` of shape ``[1, total_T, H]``, in float64."""
-        x64 = x.double()
-        if self.batch_shape is not None:
-            B, T = self.batch_shape
-            xb = x64.view(B, T, -1)
-            return xb.flip(1).cumsum(1).flip(1).reshape(x.shape)
-        total = x64.flip(1).cumsum(1).flip(1)  # sum over s >= t, across sequence ends
-        pad = torch.cat([total, total.new_zeros(1, 1, total.shape[-1])], dim=1)
-        ends = self.cu_seqlens[1:].long()[self.seq_of_token]  # first token after each token's sequence
-        return total - pad[:, ends]
-
-    def per_token(self, v: Tensor) -> Tensor:
-        """Broadcast a per-sequence ``[N, H]`` value to ``[1, total_T, H]``."""
-        return v[self.seq_of_token][None]
 
 
 def sequence_layout(
@@ -56,8 +38,7 @@ def sequence_layout(
         offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
         g = torch.arange(B * nt, device=device, dtype=torch.int32)
         index = torch.stack([g // nt, g % nt], dim=1).contiguous()
-        seq = torch.arange(B, device=device).repeat_interleave(T)
-        return SequenceLayout(cu, offsets, index, seq, B, B * nt, (B, T))
+        return SequenceLayout(cu, offsets, index, B, B * nt)
     cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
     lens = (cu[1:] - cu[:-1]).long()
     if bool((lens <= 0).any()):
@@ -69,5 +50,4 @@ def sequence_layout(
     seq_of_chunk = torch.arange(n, device=device).repeat_interleave(nts)
     within = torch.arange(total, device=device) - offsets[:-1][seq_of_chunk]
     index = torch.stack([seq_of_chunk, within], dim=1).to(torch.int32).contiguous()
-    seq = torch.arange(n, device=device).repeat_interleave(lens)
-    return SequenceLayout(cu, offsets.to(torch.int32), index, seq, n, total, None)
+    return SequenceLayout(cu, offsets.to(torch.int32), index, n, total)
