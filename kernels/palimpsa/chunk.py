@@ -25,6 +25,8 @@ cumulative sums, so no cancellation across the sequence).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -310,6 +312,9 @@ def _put(ptr, val, mask, ATOMIC: tl.constexpr):
         tl.store(ptr, val, mask=mask)
 
 
+VARIANTS = ("v1", "v2")
+DEFAULT_VARIANT = "v1"
+
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
 CONFIG: dict[str, int] = {
     "states_bv": 64,
@@ -364,60 +369,79 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dvar, dTm, dTi):
-        q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
-        scale, layout, C, use_init, output_final = ctx.meta
-        _, TT, H, K = q.shape
-        V = u.shape[-1]
-        N, NT = layout.num_seqs, layout.num_chunks
-        BK = max(16, next_pow2(K))
-        has_dvar = dvar is not None
-        dy = torch.zeros_like(u, dtype=q.dtype) if dy is None else dy.contiguous()
-        dvar = dvar.contiguous() if has_dvar else dy
-        has_dfinal = output_final and (dTm is not None or dTi is not None)
-        if has_dfinal:
-            dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
-            dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
-        # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
-        dhm = torch.empty_like(hm)
-        dhi = torch.empty_like(hi)
-        BVl = _bv(V, BK, CONFIG["local_bv"])
-        _local_bwd[(triton.cdiv(V, BVl), NT, H)](
-            q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
-            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
-        )  # fmt: skip
-        # 4. reverse scan over chunks
-        d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
-        d0i = torch.empty_like(d0m)
-        BVs = min(max(next_pow2(V), 8), 32)
-        _scan_bwd[(triton.cdiv(V, BVs), N * H)](
-            log_alpha, dhm, dhi, dTm if has_dfinal else dhm, dTi if has_dfinal else dhi, d0m, d0i,
-            layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
-            HAS_DFINAL=has_dfinal, num_warps=4,
-        )  # fmt: skip
-        # 5. everything per token, walking each chunk backwards
-        BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
-        NVm = triton.cdiv(V, BVm)
-        atomic = NVm > 1  # dk, dq and d log alpha sum over V blocks
-        # gradients written once go straight into the inputs' dtypes; shared ones accumulate in fp32
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
-        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
-        du = torch.empty_like(u)
-        db = torch.empty_like(beta)
-        dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
-        dip = q.new_empty(NVm, NT, H, dtype=torch.float32)
-        _main_bwd[(NVm, NT, H)](
-            q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
-            layout.cu_seqlens, layout.chunk_index, scale,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
-            num_warps=CONFIG["main_warps"],
-        )  # fmt: skip
-        dip = dip.sum((0, 1))
-        dm0 = d0m if use_init else None
-        di0 = d0i if use_init else None
-        return (
-            dq.to(q.dtype), dk.to(k.dtype), du.to(u.dtype), db.to(beta.dtype), dla.to(log_alpha.dtype),
-            dip.to(ip.dtype), dm0, di0, None, None, None, None, None,
-        )  # fmt: skip
+        return backward_with(ctx, dy, dvar, dTm, dTi, _main_step)
+
+
+def backward_with(ctx, dy, dvar, dTm, dTi, main_step):
+    """Steps 3-4 (local pulls and the reverse scan over chunks), then ``main_step`` for the per-token grads.
+
+    Shared by the kernel variants: they differ only in how step 5 forms the per-token gradients.
+    """
+    q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
+    scale, layout, C, use_init, output_final = ctx.meta
+    _, TT, H, K = q.shape
+    V = u.shape[-1]
+    N, NT = layout.num_seqs, layout.num_chunks
+    BK = max(16, next_pow2(K))
+    has_dvar = dvar is not None
+    dy = torch.zeros_like(u, dtype=q.dtype) if dy is None else dy.contiguous()
+    dvar = dvar.contiguous() if has_dvar else dy
+    has_dfinal = output_final and (dTm is not None or dTi is not None)
+    if has_dfinal:
+        dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
+        dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
+    # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
+    dhm = torch.empty_like(hm)
+    dhi = torch.empty_like(hi)
+    BVl = _bv(V, BK, CONFIG["local_bv"])
+    _local_bwd[(triton.cdiv(V, BVl), NT, H)](
+        q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
+        scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
+    )  # fmt: skip
+    # 4. reverse scan over chunks
+    d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
+    d0i = torch.empty_like(d0m)
+    BVs = min(max(next_pow2(V), 8), 32)
+    _scan_bwd[(triton.cdiv(V, BVs), N * H)](
+        log_alpha, dhm, dhi, dTm if has_dfinal else dhm, dTi if has_dfinal else dhi, d0m, d0i,
+        layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+        HAS_DFINAL=has_dfinal, num_warps=4,
+    )  # fmt: skip
+    # 5. everything per token
+    dq, dk, du, db, dla, dip = main_step(
+        q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C
+    )
+    dm0 = d0m if use_init else None
+    di0 = d0i if use_init else None
+    return (
+        dq.to(q.dtype), dk.to(k.dtype), du.to(u.dtype), db.to(beta.dtype), dla.to(log_alpha.dtype),
+        dip.to(ip.dtype), dm0, di0, None, None, None, None, None,
+    )  # fmt: skip
+
+
+def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C):
+    """Step 5 of the default variant: walk each chunk backwards token by token."""
+    _, TT, H, K = q.shape
+    V = u.shape[-1]
+    NT = layout.num_chunks
+    BK = max(16, next_pow2(K))
+    BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
+    NVm = triton.cdiv(V, BVm)
+    atomic = NVm > 1  # dk, dq and d log alpha sum over V blocks
+    # gradients written once go straight into the inputs' dtypes; shared ones accumulate in fp32
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
+    du = torch.empty_like(u)
+    db = torch.empty_like(beta)
+    dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
+    dip = q.new_empty(NVm, NT, H, dtype=torch.float32)
+    _main_bwd[(NVm, NT, H)](
+        q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
+        layout.cu_seqlens, layout.chunk_index, scale,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
+        num_warps=CONFIG["main_warps"],
+    )  # fmt: skip
+    return dq, dk, du, db, dla, dip.sum((0, 1))
 
 
 def chunk_palimpsa(
@@ -433,8 +457,20 @@ def chunk_palimpsa(
     output_variance: bool = False,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
+    variant: str | None = None,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-    """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``."""
+    """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``.
+
+    ``variant`` picks the backward: ``"v1"`` (per-token reverse walk, the default) or ``"v2"`` (per value
+    row, tensor-core products over the whole chunk; ``chunk_v2``). ``None`` reads the environment variable
+    ``PALIMPSA_TRITON_VARIANT``, else ``DEFAULT_VARIANT``, so a whole run can switch without code changes.
+    """
+    variant = variant or os.environ.get("PALIMPSA_TRITON_VARIANT") or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Palimpsa Triton variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    fn = ChunkPalimpsaFunction
+    if variant == "v2":
+        from kernels.palimpsa.chunk_v2 import ChunkPalimpsaV2Function as fn
     B, T, H, K = q.shape
     V = u.shape[-1]
     if cu_seqlens is not None and B != 1:
@@ -449,7 +485,7 @@ def chunk_palimpsa(
         m0 = (mu0.float() * I0.float()).contiguous()
         i0 = (I0.float() - ip_h[None, :, None, None]).contiguous()
     flat = [x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, u, beta, log_alpha)]
-    y, var, hTm, hTi = ChunkPalimpsaFunction.apply(
+    y, var, hTm, hTi = fn.apply(
         *flat, ip_h.contiguous(), m0, i0, scale, layout, output_final_state, output_variance, chunk_size
     )
     y = y.view(B, T, H, V)
