@@ -43,6 +43,8 @@ rule tune_worker:
     log:
         f"{TUNING}/{{study}}/worker-{{worker}}.log",
     threads: 1
+    # The longest jobs start first, so they do not trail behind the short training jobs.
+    priority: 10
     resources:
         gpu=0,
     shell:
