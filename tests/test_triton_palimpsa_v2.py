@@ -104,6 +104,22 @@ def test_beta_zero_gradients_match_float64():
     assert_close(out + grad, ref_out + ref_grad, NAMES)
 
 
+def test_low_precision_products_with_bf16_inputs():
+    """v2-lowp: with bf16 inputs the state products take fp16 operands; errors stay at bf16 rounding."""
+    gen = torch.Generator().manual_seed(31)
+    xs = make_inputs(1, 40, 1, 16, 16, gen)
+    xs[:4] = [x.to(torch.bfloat16).double() for x in xs[:4]]  # the reference sees the rounded inputs
+    seed = 37
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
+
+    def lowp(q, k, u, beta, *rest, **kw):
+        q, k, u, beta = (x.to(torch.bfloat16) for x in (q, k, u, beta))
+        return chunk_palimpsa(q, k, u, beta, *rest, chunk_size=32, variant="v2-lowp", **kw)
+
+    out, grad = forward_backward(lowp, xs, torch.float32, seed)
+    assert_close(out + grad, ref_out + ref_grad, NAMES, out_tol=2e-2, grad_tol=3e-2)
+
+
 def test_unknown_variant_is_rejected():
     x = torch.randn(1, 3, 1, 4)
     with pytest.raises(ValueError, match="unknown Palimpsa Triton variant"):

@@ -15,6 +15,11 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
+Variants of our op: ``palimpsa_triton`` (the default backward), ``palimpsa_triton_v2`` (the per-row
+backward of ``kernels.palimpsa.chunk_v2``, tf32 products) and ``palimpsa_triton_v2_lowp`` (the same with
+fp16 operands for its two state products). Rows run in priority order (our rows and GDN on every shape
+first, then the other baselines); ``--budget-s`` stops starting new rows after that many seconds.
+
 Writes ``latest.json`` (a list of records) and ``latest.md`` (the table) into ``--out``.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +79,17 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
+def _variant(x: list, variant: str) -> torch.Tensor:
+    """Our op through one explicit Triton variant (``kernels.palimpsa.chunk.VARIANTS``)."""
+    from kernels.palimpsa.chunk import chunk_palimpsa
+
+    return chunk_palimpsa(*x, variant=variant)[0]
+
+
+PRIORITY = ("palimpsa_triton", "palimpsa_triton_v2", "palimpsa_triton_v2_lowp", "fla_gdn_chunk")
+VARIANT_OF = {"palimpsa_triton": "v1", "palimpsa_triton_v2": "v2", "palimpsa_triton_v2_lowp": "v2-lowp"}
+
+
 def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list], torch.Tensor]]]:
     """name -> (make inputs, forward returning the output)."""
     out = {
@@ -81,6 +98,11 @@ def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list],
             lambda x: palimpsa_attn(*x, backend="triton")[0],
         ),
     }
+    out["palimpsa_triton_v2"] = (lambda: palimpsa_inputs(B, T, H, K, V), lambda x: _variant(x, "v2"))
+    out["palimpsa_triton_v2_lowp"] = (
+        lambda: palimpsa_inputs(B, T, H, K, V),
+        lambda x: _variant(x, "v2-lowp"),
+    )
     if SHAPES[0][1] == (B, T, H, K, V):  # the torch form keeps per-token states of a chunk: one shape only
         out["palimpsa_torch_chunk"] = (
             lambda: palimpsa_inputs(B, T, H, K, V),
@@ -149,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
     ap.add_argument("--shapes", nargs="*", help="shape names to run (default: all)")
     ap.add_argument("--impls", nargs="*", help="implementations to run (default: all available)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     args = ap.parse_args(argv)
     device = torch.cuda.get_device_name()
     versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
@@ -161,32 +184,41 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     shapes = [s for s in shapes if not args.shapes or s[0] in args.shapes]
-    for name, shape in shapes:
+    start = time.monotonic()
+    # our rows and GDN on every shape first, then the other baselines
+    todo = [(0 if impl in PRIORITY else 1, i, name, shape, impl, fns)
+            for i, (name, shape) in enumerate(shapes) for impl, fns in impls(*shape).items()
+            if not args.impls or impl in args.impls]  # fmt: skip
+    for _, _, name, shape, impl, (make, fwd) in sorted(todo, key=lambda r: r[:2]):
         B, T, H, K, V = shape
-        for impl, (make, fwd) in impls(*shape).items():
-            if args.impls and impl not in args.impls:
-                continue
-            rec = {"shape_name": name, "shape": dict(zip("BTHKV", shape, strict=True)), "impl": impl}
-            rec |= {"device": device, **versions}
-            try:
-                reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
-                rec |= measure(make, fwd, *reps)
-                rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
-                if impl == "palimpsa_triton":  # where the time goes, per kernel
-                    from kernels.benchmarks.profile_palimpsa import per_kernel
-
-                    rec["kernel_ms"] = dict(per_kernel(shape)[:8])
-            except Exception as exc:  # record and go on: one failing baseline must not hide the rest
-                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                torch.cuda.empty_cache()
+        rec = {"shape_name": name, "shape": dict(zip("BTHKV", shape, strict=True)), "impl": impl}
+        rec |= {"device": device, **versions}
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            rec["error"] = f"skipped: time budget of {args.budget_s:.0f} s spent"
             records.append(rec)
-            print(json.dumps(rec), flush=True)
-            write(args.out, records, device, versions)  # after every record: a cut-off run keeps its rows
+            continue
+        try:
+            reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
+            rec |= measure(make, fwd, *reps)
+            rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
+            if impl in VARIANT_OF:  # where the time goes, per kernel
+                from kernels.benchmarks.profile_palimpsa import per_kernel
+
+                rec["kernel_ms"] = dict(per_kernel(shape, VARIANT_OF[impl])[:8])
+        except Exception as exc:  # record and go on: one failing baseline must not hide the rest
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            torch.cuda.empty_cache()
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        write(args.out, records, device, versions)  # after every record: a cut-off run keeps its rows
+    for name, shape in shapes:
         records.append(
             {"shape_name": name, "shape": dict(zip("BTHKV", shape, strict=True)), "impl": "official_palimpsa",
              "error": "published kernels not installed on the benchmark machine; DESIGN §4 quotes them",
              "device": device, **versions}
         )  # fmt: skip
+    order = {name: i for i, (name, _) in enumerate(SHAPES)}
+    records.sort(key=lambda r: order.get(r["shape_name"], len(order)))  # stable: priority order per shape
     write(args.out, records, device, versions)
     print(render(records, device, versions))
 

@@ -5,12 +5,15 @@
 fp32 inputs must reach relative error <= 1e-5 on every output and <= 1e-4 on every input gradient
 (``||x - ref|| / ||ref||``); bf16 inputs are reported against the same reference for information.
 Inputs are fresh random draws each run. Cases cover odd K and V, T not a multiple of the chunk,
-varlen batches, initial and final states, the variance, K = V = 256, and extreme gates.
+varlen batches, initial and final states, the variance, K = V = 256, and extreme gates. Every case runs
+each Triton variant (``--variants``, default all of ``kernels.palimpsa.chunk.VARIANTS``); ``v2-lowp`` differs
+from ``v2`` only with 16-bit inputs, so it runs on bf16 alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 import triton
 
 from kernels.palimpsa import fused_recurrent_palimpsa, naive_recurrent_palimpsa, palimpsa_attn
+from kernels.palimpsa.chunk import VARIANTS
 
 DEV = torch.device("cuda")
 NAMES = ["y", "var", "mu_T", "I_T", "dq", "dk", "du", "dbeta", "dlog_alpha", "dIp", "dmu_0", "dI_0"]
@@ -39,7 +43,8 @@ def make(B, T, H, K, V, gates="normal", seed=0):
     return [q, k, u, beta, la, ip, mu0, I0]
 
 
-def run(xs, backend, dtype, cu=None):
+def run(xs, backend, dtype, cu=None, variant="v1"):
+    os.environ["PALIMPSA_TRITON_VARIANT"] = variant  # read by the Triton path of palimpsa_attn
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     q, k, u, beta, la, ip, mu0, I0 = xs
     cast = [t.to(dtype) for t in (q, k, u, beta)]
@@ -64,6 +69,7 @@ def rel(a, b):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args(argv)
     cases = [
         ("odd K,V; T % 64 != 0", (2, 300, 3, 48, 40), "normal", None),
@@ -78,8 +84,8 @@ def main(argv=None):
         f"# GPU check: Triton Palimpsa vs float64 recurrence\n\n{torch.cuda.get_device_name()}, torch "
         f"{torch.__version__}, triton {triton.__version__}. Relative error ||x - ref|| / ||ref||.\n"
         "Targets (fp32 inputs): outputs <= 1e-5, gradients <= 1e-4.\n",
-        "| case | (B,T,H,K,V) | dtype | " + " | ".join(NAMES) + " | pass |",
-        "|---|---|---|" + "---|" * len(NAMES) + "---|",
+        "| case | (B,T,H,K,V) | variant | dtype | " + " | ".join(NAMES) + " | pass |",
+        "|---|---|---|---|" + "---|" * len(NAMES) + "---|",
     ]
     ok_all = True
     for name, shape, gates, cu in cases:
@@ -91,14 +97,17 @@ def main(argv=None):
                 xs[7].expand(len(cu) - 1, *xs[7].shape[1:]),
             )
         ref = run([x.double() for x in xs], "reference", torch.float64, cu_t)
-        for dtype in (torch.float32, torch.bfloat16):
-            out = run(xs, "triton", dtype, cu_t)
+        runs = [(v, d) for v in args.variants for d in (torch.float32, torch.bfloat16)]
+        for variant, dtype in [(v, d) for v, d in runs if v != "v2-lowp" or d != torch.float32]:
+            out = run(xs, "triton", dtype, cu_t, variant)
             errs = [rel(a, b) for a, b in zip(out, ref, strict=True)]
             ok = all(e <= (1e-5 if i < 4 else 1e-4) for i, e in enumerate(errs))
             ok = ok if dtype == torch.float32 else all(e < 0.1 for e in errs)
             ok_all &= ok
             cells = " | ".join(f"{e:.1e}" for e in errs)
-            lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {cells} | {'yes' if ok else 'NO'} |")
+            lines.append(
+                f"| {name} | {shape} | {variant} | {str(dtype)[6:]} | {cells} | {'yes' if ok else 'NO'} |"
+            )
     # inference kernel: prefill then one-token decodes equal the full forward
     xs = make(2, 40, 2, 48, 40)
     q, k, u, beta, la, ip, mu0, I0 = xs

@@ -312,7 +312,7 @@ def _put(ptr, val, mask, ATOMIC: tl.constexpr):
         tl.store(ptr, val, mask=mask)
 
 
-VARIANTS = ("v1", "v2")
+VARIANTS = ("v1", "v2", "v2-lowp")
 DEFAULT_VARIANT = "v1"
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
@@ -461,16 +461,19 @@ def chunk_palimpsa(
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
     """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``.
 
-    ``variant`` picks the backward: ``"v1"`` (per-token reverse walk, the default) or ``"v2"`` (per value
-    row, tensor-core products over the whole chunk; ``chunk_v2``). ``None`` reads the environment variable
-    ``PALIMPSA_TRITON_VARIANT``, else ``DEFAULT_VARIANT``, so a whole run can switch without code changes.
+    ``variant`` picks the backward: ``"v1"`` (per-token reverse walk, the default), ``"v2"`` (per value
+    row, tensor-core products over the whole chunk; ``chunk_v2``) or ``"v2-lowp"`` (v2 with fp16 operands
+    for the state products when the inputs are 16-bit; fp32 inputs keep exact products). ``None`` reads
+    ``PALIMPSA_TRITON_VARIANT`` from the environment, else ``DEFAULT_VARIANT``: a run switches without edits.
     """
     variant = variant or os.environ.get("PALIMPSA_TRITON_VARIANT") or DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"unknown Palimpsa Triton variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     fn = ChunkPalimpsaFunction
-    if variant == "v2":
-        from kernels.palimpsa.chunk_v2 import ChunkPalimpsaV2Function as fn
+    if variant != "v1":
+        from kernels.palimpsa.chunk_v2 import FUNCTIONS
+
+        fn = FUNCTIONS[variant]
     B, T, H, K = q.shape
     V = u.shape[-1]
     if cu_seqlens is not None and B != 1:

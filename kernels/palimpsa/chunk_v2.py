@@ -24,6 +24,8 @@ independent, large products instead of a serial chain of small ones and block-wi
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -31,16 +33,16 @@ import triton.language as tl
 from kernels.palimpsa.chunk import ChunkPalimpsaFunction, _chunk_span, backward_with
 from kernels.palimpsa.utils import dot_precision, next_pow2
 
-# Launch shapes: value rows per program (the grid's V blocks), warps per program, and whether 16-bit inputs
-# feed the products as bf16 (twice the tensor-core rate; operands rounded to 8 bits) instead of tf32.
-CONFIG: dict[str, int | bool] = {"rows_bv": 32, "rows_warps": 8, "lowp_dots": False}
+# Launch shapes: value rows per program (the grid's V blocks) and warps per program at K <= 64; wider keys
+# scale the warps with K (up to 16) so that the seven [C, K] tiles held across rows stay in registers.
+CONFIG: dict[str, int] = {"rows_bv": 32, "rows_warps": 8}
 
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """``a @ b`` in fp32 accumulation; bf16 operands when ``LOWP``."""
+    """``a @ b`` in fp32 accumulation; fp16 operands when ``LOWP`` (only for operands bounded by inputs)."""
     if LOWP:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
     return tl.dot(a, b, input_precision=PREC)
 
 
@@ -103,8 +105,9 @@ def _rows_bwd(
             acc_dq += 2.0 * qc * wr
         acc_dip += tl.sum(d_i, axis=1)
         # the reverse recurrences dS_t = g_t + alpha_{t+1} dS_{t+1}, all tokens at once
-        gm = d_m + _mm(d_upt, d_m, PREC, LOWP) + e_end * em[None, :]
-        gi = d_i + _mm(d_upt, d_i, PREC, LOWP) + e_end * ei[None, :]
+        # (gradients have no fixed range: these two stay at PREC)
+        gm = d_m + _mm(d_upt, d_m, PREC, False) + e_end * em[None, :]
+        gi = d_i + _mm(d_upt, d_i, PREC, False) + e_end * ei[None, :]
         tl.store(du + col + v, tl.sum(gm * kc, axis=1).to(du.dtype.element_ty), mask=mt)
         tl.store(db + col + v, tl.sum(gi * kk, axis=1).to(db.dtype.element_ty), mask=mt)
         acc_dk += uv[:, None] * gm + (2.0 * bv)[:, None] * kc * gi
@@ -121,8 +124,15 @@ def _rows_bwd(
     tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, tl.sum(acc_dip, axis=0))
 
 
-def _rows_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C):
-    """Step 5 of variant v2: per (V block, chunk, head), loop over the block's value rows."""
+def _rows_step(
+    q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C, lowp=False
+):  # fmt: skip
+    """Step 5 of variant v2: per (V block, chunk, head), loop over the block's value rows.
+
+    ``lowp``: with 16-bit inputs, the two state products take fp16 operands (twice tf32's tensor-core rate,
+    11 significant bits): decay weights in [0, 1] times ``u``, ``beta``, ``k`` values, which must stay within
+    fp16's range (|x| < 65504). The two gradient products keep tf32: gradients have no fixed range.
+    """
     _, TT, H, K = q.shape
     V = u.shape[-1]
     NT = layout.num_chunks
@@ -136,12 +146,12 @@ def _rows_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dva
     db = torch.empty_like(beta)
     dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
     dip = q.new_empty(NV, NT, H, dtype=torch.float32)
-    lowp = bool(CONFIG["lowp_dots"]) and q.dtype in (torch.bfloat16, torch.float16)
+    lowp = lowp and q.dtype in (torch.bfloat16, torch.float16)
     _rows_bwd[(NV, NT, H)](
         q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
         layout.cu_seqlens, layout.chunk_index, scale,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
-        LOWP=lowp, num_warps=int(CONFIG["rows_warps"]),
+        LOWP=lowp, num_warps=min(16, int(CONFIG["rows_warps"]) * max(1, BK // 64)),
     )  # fmt: skip
     return dq, dk, du, db, dla, dip.sum((0, 1))
 
@@ -152,3 +162,14 @@ class ChunkPalimpsaV2Function(ChunkPalimpsaFunction):
     @staticmethod
     def backward(ctx, dy, dvar, dTm, dTi):
         return backward_with(ctx, dy, dvar, dTm, dTi, _rows_step)
+
+
+class ChunkPalimpsaV2LowpFunction(ChunkPalimpsaFunction):
+    """Variant v2 with bf16 product operands for 16-bit inputs."""
+
+    @staticmethod
+    def backward(ctx, dy, dvar, dTm, dTi):
+        return backward_with(ctx, dy, dvar, dTm, dTi, partial(_rows_step, lowp=True))
+
+
+FUNCTIONS = {"v2": ChunkPalimpsaV2Function, "v2-lowp": ChunkPalimpsaV2LowpFunction}
