@@ -146,13 +146,15 @@ class MlflowTracker(NullTracker):
         with _store_lock(db):  # parallel jobs must not create the schema or the experiment twice
             self.client = _retry(lambda: MlflowClient(tracking_uri=self.uri), "connect")
             self.client.search_experiments(max_results=1)  # forces the schema (migrations) into place
-            experiment_id = None if run_id else self._experiment_id(cfg.experiment or default_name, db)
+            experiment_id = (
+                None if run_id else _get_or_create_experiment(self.client, cfg.experiment or default_name, db)
+            )
         if run_id:
             self.run_id = self._reopen(run_id)
         if self.run_id is None:
             if experiment_id is None:
                 with _store_lock(db):
-                    experiment_id = self._experiment_id(cfg.experiment or default_name, db)
+                    experiment_id = _get_or_create_experiment(self.client, cfg.experiment or default_name, db)
             tags = {str(k): str(v) for k, v in cfg.tags.items()}
             if cfg.parent_run_id:
                 tags["mlflow.parentRunId"] = cfg.parent_run_id
@@ -180,20 +182,6 @@ class MlflowTracker(NullTracker):
         _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed", "true"), "set_tag")
         self.resumed = True
         return run_id
-
-    def _experiment_id(self, name: str, db: Path | None) -> str:
-        def get_or_create() -> str:
-            found = self.client.get_experiment_by_name(name)
-            if found is not None:
-                if found.lifecycle_stage == "deleted":
-                    self.client.restore_experiment(found.experiment_id)
-                return found.experiment_id
-            location = None
-            if db is not None:  # artifacts next to the database, not in ./mlruns of whatever cwd
-                location = (db.parent / ARTIFACT_DIR / _safe(name)).resolve().as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
-
-        return _retry(get_or_create, "create_experiment")
 
     def _start_system_metrics(self) -> None:
         """CPU/memory/GPU usage in the background; skipped quietly when psutil is missing."""
@@ -267,6 +255,33 @@ class MlflowTracker(NullTracker):
             except Exception as err:
                 log.warning("mlflow: could not record failure reason: %s", err)
         _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
+
+
+def _get_or_create_experiment(client: Any, name: str, db: Path | None) -> str:
+    """Experiment id by name (restoring a deleted one); new ones keep artifacts next to a SQLite store."""
+
+    def get_or_create() -> str:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = None
+        if db is not None:  # artifacts next to the database, not in ./mlruns of whatever cwd
+            location = (db.parent / ARTIFACT_DIR / _safe(name)).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+    return _retry(get_or_create, "create_experiment")
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """For every module that creates experiments (sweeps, store tools): same artifact layout, same lock.
+
+    ``client`` is an ``mlflow.MlflowClient``; returns the experiment id.
+    """
+    db = sqlite_path(client.tracking_uri)
+    with _store_lock(db):
+        return _get_or_create_experiment(client, name, db)
 
 
 @contextlib.contextmanager

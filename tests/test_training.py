@@ -261,3 +261,14 @@ def test_non_finite_loss_fails_the_run(tmp_path):
     failed = json.loads((tmp_path / FAILED).read_text())
     assert failed["status"] == "FAILED" and "non-finite" in failed["reason"]
     assert not (tmp_path / METRICS).exists()
+
+
+def test_mqar_tiny_config_is_the_acceptance_setup():
+    from palimpsa.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "ablations" / "mqar-tiny.yaml")
+    task, model, t = cfg.task, cfg.model, cfg.train
+    assert (task.name, task.seq_len, task.num_kv_pairs, task.vocab_size) == ("mqar", 64, 8, 256)
+    assert (model.d_model, model.n_layers, model.init_std) == (64, 2, 0.02)
+    assert (model.mixer.kind, model.mixer.gates) == ("palimpsa", "official")
+    assert (t.lr, t.batch_size, t.num_threads) == (1e-2, 32, 2) and t.target is not None and t.target >= 0.9
