@@ -163,7 +163,9 @@ def test_dispatch_rules():
     q = torch.zeros(1, 2, 1, 4)
     from kernels.palimpsa.ops import resolve_backend
 
-    assert resolve_backend("auto", q.device) == "chunk"
+    assert resolve_backend("auto", q.device) == "torch"
+    assert resolve_backend("auto", q.device, seq_len=16) == "reference"
+    assert resolve_backend("auto", q.device, seq_len=4096) == "chunk"
     assert resolve_backend("triton", q.device) == "triton"
     with pytest.raises(ValueError, match="unknown Palimpsa backend"):
         resolve_backend("cuda", q.device)
