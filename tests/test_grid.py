@@ -18,7 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "name": "t",
     "seed": 0,
-    "task": {"name": "mqar", "vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2, "num_train": 64, "num_val": 16},
+    "task": {
+        "name": "mqar",
+        "vocab_size": 16,
+        "seq_len": 16,
+        "num_kv_pairs": 2,
+        "num_train": 64,
+        "num_val": 16,
+    },
     "model": {"d_model": 16, "n_layers": 1, "mixer": {"kind": "palimpsa", "head_k_dim": 8, "head_v_dim": 8}},
     "train": {"lr": 1.0e-2, "max_steps": 10},
 }
@@ -27,7 +34,9 @@ BASE = {
 def write_grid(tmp_path: Path, spec: dict, name: str = "g.yaml") -> Path:
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({"description": "test grid", "base": "base.yaml", **spec}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({"description": "test grid", "base": "base.yaml", **spec}, sort_keys=False)
+    )
     return path
 
 
@@ -101,9 +110,13 @@ def test_variant_can_swap_the_task(tmp_path: Path) -> None:
 
 
 def test_extends_merges_mappings(tmp_path: Path) -> None:
-    parent = write_grid(tmp_path, {"overrides": {"train.lr": 1.0e-3}, "product": {"seed": [0, 1]}}, "parent.yaml")
+    parent = write_grid(
+        tmp_path, {"overrides": {"train.lr": 1.0e-3}, "product": {"seed": [0, 1]}}, "parent.yaml"
+    )
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({"extends": parent.name, "product": {"model.mixer.kind": ["mamba2", "palimpsa"]}}))
+    child.write_text(
+        yaml.safe_dump({"extends": parent.name, "product": {"model.mixer.kind": ["mamba2", "palimpsa"]}})
+    )
     grid = load_grid(child)
     assert len(grid.points) == 4 and grid.name == "child"
     assert {p.config["train"]["lr"] for p in grid.points} == {1.0e-3}
@@ -195,7 +208,12 @@ def test_rejects_duplicate_value(tmp_path: Path) -> None:
 def test_rejects_duplicate_point_across_union(tmp_path: Path) -> None:
     err = reject(
         tmp_path,
-        {"union": [{"product": {"model.mixer.kind": ["mamba2"]}}, {"product": {"model.mixer.kind": ["mamba2"]}}]},
+        {
+            "union": [
+                {"product": {"model.mixer.kind": ["mamba2"]}},
+                {"product": {"model.mixer.kind": ["mamba2"]}},
+            ]
+        },
     )
     assert "duplicate point" in str(err) and "union[1].product.model.mixer.kind" in str(err)
 
@@ -231,7 +249,11 @@ def test_rejects_bad_base_value_naming_the_base(tmp_path: Path) -> None:
 def test_cli_prints_one_error_line(tmp_path: Path) -> None:
     path = write_grid(tmp_path, {"product": {"model.d_model": ["wide"]}})
     proc = subprocess.run(
-        [sys.executable, "-m", "palimpsa.grid", str(path)], capture_output=True, text=True, cwd=ROOT, check=False
+        [sys.executable, "-m", "palimpsa.grid", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "product.model.d_model" in proc.stderr
