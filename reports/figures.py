@@ -55,7 +55,33 @@ def _skip(name: str, title: str, reason: str) -> FigureResult:
     return FigureResult(name=name, title=title, skipped=reason)
 
 
+def _short_number(value: float, _pos=None) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _tidy_log_axes(fig: plt.Figure) -> None:
+    """Log axes over a narrow range get a few readable ticks instead of overlapping minor labels."""
+    ticker = matplotlib.ticker
+    for ax in fig.axes:
+        for axis, scale, (lo, hi) in (
+            (ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+            (ax.yaxis, ax.get_yscale(), ax.get_ylim()),
+        ):
+            if scale != "log" or isinstance(axis.get_major_locator(), ticker.FixedLocator) or lo <= 0:
+                continue
+            axis.set_minor_formatter(ticker.NullFormatter())
+            axis.set_major_formatter(ticker.FuncFormatter(_short_number))
+            if hi / lo < 30:
+                ratio = (hi / lo) ** (1 / 5)
+                ticks = [float(f"{lo * ratio**k:.2g}") for k in range(1, 5)]
+                axis.set_major_locator(ticker.FixedLocator(ticks))
+
+
 def _done(name: str, title: str, fig: plt.Figure, caption: str, n_points: int) -> FigureResult:
+    _tidy_log_axes(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -462,12 +488,23 @@ def compute_matched(prep: Prepared, tuning: Studies = None) -> FigureResult:
     fig, axes = _panels(len(budgets), width=max(5.0, 1.6 * data.get_column("size").n_unique() + 2.5))
     for ax, b in zip(axes, budgets, strict=True):
         d = data.filter(pl.col("budget") == b).to_pandas()
-        sns.barplot(d, x="size", y="value", hue="model", palette=palette, errorbar="sd", capsize=0.1, ax=ax)
+        sns.barplot(
+            d,
+            x="size",
+            y="value",
+            hue="model",
+            hue_order=sorted(palette),
+            palette=palette,
+            errorbar="sd",
+            capsize=0.1,
+            ax=ax,
+        )
         sns.stripplot(
             d,
             x="size",
             y="value",
             hue="model",
+            hue_order=sorted(palette),
             palette=palette,
             dodge=True,
             legend=False,
@@ -476,13 +513,15 @@ def compute_matched(prep: Prepared, tuning: Studies = None) -> FigureResult:
             ax=ax,
         )
         ax.set(xlabel="size", ylabel=f"{analysis.curve_key(prep)} at budget", title=b)
+        ax.tick_params(axis="x", labelrotation=20)
     _legend_outside(fig, axes)
     caption = (
         f"{analysis.curve_key(prep)} each model had reached when all runs of a size had spent the same "
         "wall-clock training time (left: measured optimizer-step seconds) or the same estimated training "
         "FLOPs (right): the last evaluation at or before the budget, which is the smallest final spend of "
         "that size's runs. Bars: mean over all seeds at the "
-        "best lr; whiskers: sd; dots: seeds. A slower mixer is judged at fewer steps."
+        "best lr; whiskers: sd; dots: seeds. A slower mixer is judged at fewer steps; a model without a bar "
+        "had not reached its first evaluation within the budget."
     )
     return _done(name, title, fig, caption, data.height)
 
@@ -597,6 +636,7 @@ def throughput_memory(prep: Prepared, tuning: Studies = None) -> FigureResult:
         sns.barplot(d, x="size", y="ratio", hue="model", palette=palette, ax=ax)
         ax.axhline(1.0, color="0.2", lw=0.8)
         ax.set(ylabel="throughput / Gated DeltaNet's", xlabel="size")
+        ax.tick_params(axis="x", labelrotation=20)
     _legend_outside(fig, axes)
     kinds = sel.get_column("peak_memory_kind").unique().to_list() if "peak_memory_kind" in sel.columns else []
     devices = sel.get_column("device").unique().to_list() if "device" in sel.columns else []

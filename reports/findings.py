@@ -207,7 +207,8 @@ def ranking(b: _Builder) -> list[Finding]:
             n = b.count(best["config_key"], f"{best['model']}@{size}@{task}")
             text = (
                 f"{_where(task, size, len(tasks))}, the best model is {best['model']} with "
-                f"{prep.metric} {mean.text} (mean over {n.text} seeds at lr {fmt_lr(best['train.lr'])})."
+                f"{prep.metric} {mean.text} (mean over {n.text} seed{'s' if n.value != 1 else ''} "
+                f"at lr {fmt_lr(best['train.lr'])})."
             )
             out.append(Finding("ranking", text, [mean, n]))
     return out
@@ -484,10 +485,12 @@ def compute_matched(b: _Builder) -> list[Finding]:
                 zip(models, per_model, strict=True), key=lambda mv: mv[1].value, reverse=prep.higher_is_better
             )
             listing = ", ".join(f"{m} {v.text}" for m, v in order)
+            everyone = pts.filter((pl.col("task") == task) & (pl.col("size") == size)).get_column("model")
+            late = sorted(set(everyone.to_list()) - set(models))
+            missing = f"; not yet evaluated within the budget: {', '.join(late)}" if late else ""
             text = (
                 f"{_where(task, size, n_tasks)} and an equal {label} of {budget.text}{unit}, {key} reached "
-                "is: "
-                f"{listing} (mean over seeds at the best lr)."
+                f"is: {listing} (mean over seeds at the best lr){missing}."
             )
             out.append(Finding("compute", text, [budget, *per_model]))
     return out

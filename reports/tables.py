@@ -276,7 +276,9 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
             ", ".join(f"{_short(c)}={_fmt(row.get(c))}" for c in task_cols)
             or str(row.get("task.name", "task"))
         )
-        sizes.append(", ".join(f"{_short(c)}={_fmt(row.get(c))}" for c in size_cols))
+        sizes.append(
+            "/".join(f"{_short(c)}={_fmt(row.get(c))}" for c in size_cols)
+        )  # no comma: sizes sit in lists
         key = {c: row.get(c) for c in config_cols}
         keys.append(hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12])
         states.append(compute.state_elements(row))
