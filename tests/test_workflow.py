@@ -40,7 +40,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("profile", ["default", "gpu", "slurm"])
 def test_dry_run_of_the_full_dag(profile: str, tmp_path: Path) -> None:
-    proc = snakemake("-n", "--nolock", "--profile", f"workflow/profiles/{profile}", "--quiet", "rules")
+    proc = snakemake("-n", "-F", "--nolock", "--profile", f"workflow/profiles/{profile}", "--quiet", "rules")
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = job_counts(proc.stdout + proc.stderr)
     for rule in ("mlflow_store", "dataset", "sweep", "point_config", "train", "tune_init", "tune_worker"):
@@ -55,7 +55,7 @@ def test_dry_run_of_the_full_dag(profile: str, tmp_path: Path) -> None:
 
 def test_gpu_and_slurm_profiles_give_training_jobs_a_gpu() -> None:
     for profile, expected in (("gpu", r"gpu=1"), ("slurm", r"slurm_partition=gpu.*gpu=1")):
-        proc = snakemake("-n", "--nolock", "--profile", f"workflow/profiles/{profile}", "-p")
+        proc = snakemake("-n", "-F", "--nolock", "--profile", f"workflow/profiles/{profile}", "-p")
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-3000:]
         train_block = out.split("rule train:", 1)[1].split("\n\n", 1)[0]
