@@ -3,8 +3,10 @@
 A study spec (``ablations/tune-*.yaml``) names a base run config, dotted overrides, the metric and a
 search space (``dotted.key: {type: float|int|categorical, low, high, log, step, choices}``). Several
 workers (processes, Snakemake jobs, machines sharing a file system) run trials on one storage until the
-study holds ``n_trials``; the default storage is a journal file, safe for parallel writers without a
-database server, and any database URL works too. Each trial trains through
+study's queue is empty; the default storage is a journal file, safe for parallel writers without a
+database server, and any database URL works too. The init stage queues exactly ``n_trials`` trials and a
+worker only ever claims a queued one (an atomic state change in every storage), so parallel workers
+neither lose nor add trials. Each trial trains through
 :func:`palimpsa.training.train` with an ``on_eval`` hook that reports the validation metric and raises
 :class:`optuna.TrialPruned` when the pruner says so; each trial is an MLflow run nested under one study
 run. The best trial's parameters land in ``best.yaml`` as dotted overrides that a grid can reference with
@@ -14,6 +16,7 @@ run. The best trial's parameters land in ``best.yaml`` as dotted overrides that 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -28,6 +31,8 @@ import yaml
 
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
+
+log = optuna.logging.get_logger("optuna.palimpsa")  # optuna's handler: lines in the worker log
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
 COUNTED_STATES = (
@@ -193,10 +198,20 @@ def open_study(spec: TuneSpec, storage: Any, create: bool = True) -> optuna.Stud
 
 
 def init_study(
-    spec: TuneSpec, storage: Any, out_dir: str | Path, track: bool = True, tracking_uri: str | None = None
+    spec: TuneSpec,
+    storage: Any,
+    out_dir: str | Path,
+    track: bool = True,
+    tracking_uri: str | None = None,
+    n_trials: int | None = None,
 ) -> dict[str, Any]:
-    """Create the study (idempotent) and its MLflow parent run; write ``out_dir/study.json``."""
+    """Create the study and its MLflow parent run, queue its trials; write ``out_dir/study.json``.
+
+    Idempotent: a rerun (or a larger ``n_trials``) only queues the trials the study still lacks. Run it
+    once, before the workers: queueing is the one step that must not race.
+    """
     study = open_study(spec, storage)
+    _queue_missing(study, n_trials or spec.n_trials)
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     if track and not parent:
         parent = _create_parent_run(spec, tracking_uri)
@@ -205,7 +220,7 @@ def init_study(
         "study": spec.name,
         "direction": spec.direction,
         "metric": spec.metric,
-        "n_trials": spec.n_trials,
+        "n_trials": n_trials or spec.n_trials,
         "mlflow_parent_run_id": parent,
         "experiment": spec.experiment,
     }
@@ -281,19 +296,66 @@ def _alive(host: str | None, pid: int | None) -> bool:
     return True
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """A worker killed mid-trial leaves it RUNNING forever; fail those of dead local processes."""
+def _held(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: queued, running or finished, minus retired ones."""
+    live = (*COUNTED_STATES, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return sum(t.state in live and not t.user_attrs.get("stale") for t in study.get_trials(deepcopy=False))
+
+
+def _queue_missing(study: optuna.Study, total: int) -> int:
+    """Queue empty trials (the sampler fills their parameters when claimed) up to ``total``."""
+    missing = max(0, total - _held(study))
+    for _ in range(missing):
+        study.enqueue_trial({}, skip_if_exists=False)
+    return missing
+
+
+def _retire(study: optuna.Study, trial_id: int) -> bool:
+    """Fail a trial whose worker is gone and queue a replacement, once even if several workers try.
+
+    The FAIL is a compare-and-set in every storage: only the worker that wins it queues the replacement.
+    """
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial_id, "stale", True)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    study.enqueue_trial({}, skip_if_exists=False)
+    return True
+
+
+def _retire_stale_trials(study: optuna.Study) -> None:
+    """A worker killed mid-trial leaves it RUNNING forever; retire those of dead local processes."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _alive(t.user_attrs.get("host"), t.user_attrs.get("pid")):
-            study._storage.set_trial_user_attr(t._trial_id, "stale", True)
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            _retire(study, t._trial_id)
 
 
-def _counted(study: optuna.Study) -> int:
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("stale")]
-    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    return len(done) + len(running)
+def _claim(study: optuna.Study) -> optuna.Trial | None:
+    """The next queued trial, now RUNNING and ours; None when the queue is empty (never a new trial)."""
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Any) -> str:
+    """Run one claimed trial and record its end state; an interrupt hands it back to the queue."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return "PRUNED"
+    except Exception as err:
+        log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err, exc_info=True)
+        trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return "FAIL"
+    except BaseException:
+        _retire(study, trial._trial_id)
+        raise
+    study.tell(trial, value)
+    log.info("trial %d finished: %s", trial.number, value)
+    return "COMPLETE"
 
 
 def make_objective(
@@ -365,20 +427,22 @@ def run_worker(
     tracking_uri: str | None = None,
     data_dir: str | Path | None = None,
 ) -> dict[str, int]:
-    """Run trials until the study holds ``n_trials`` (all workers' trials count); return my tally."""
+    """Claim queued trials until none is left (:func:`init_study` queued them); return my tally.
+
+    ``n_trials`` caps how many trials this worker runs (None: as many as it can claim).
+    """
     out_dir = Path(out_dir)
-    total = n_trials or spec.n_trials
     study = open_study(spec, storage)
-    _fail_stale_trials(study)
+    _retire_stale_trials(study)
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     objective = make_objective(spec, out_dir, parent, track, tracking_uri, data_dir)
     mine: dict[str, int] = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    while _counted(study) < total:
-        before = {t.number for t in study.get_trials(deepcopy=False)}
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        for t in study.get_trials(deepcopy=False):
-            if t.number not in before and t.user_attrs.get("pid") == os.getpid() and t.state.name in mine:
-                mine[t.state.name] += 1
+    while n_trials is None or sum(mine.values()) < n_trials:
+        trial = _claim(study)
+        if trial is None:
+            break
+        mine[_run_trial(study, trial, objective)] += 1
+        gc.collect()
     return mine
 
 
@@ -491,8 +555,8 @@ def run_study(
         spec_dict["sampler"] = sampler
     spec = load_tune_spec(spec_dict)
     store = make_storage(storage, out_dir)
-    init_study(spec, store, out_dir, track=track, tracking_uri=tracking_uri)
-    run_worker(spec, store, out_dir, n_trials, track=track, tracking_uri=tracking_uri, data_dir=data_dir)
+    init_study(spec, store, out_dir, track=track, tracking_uri=tracking_uri, n_trials=n_trials)
+    run_worker(spec, store, out_dir, track=track, tracking_uri=tracking_uri, data_dir=data_dir)
     return write_best(spec, store, out_dir, tracking_uri=tracking_uri)
 
 
@@ -503,7 +567,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("spec", help="study spec YAML (ablations/tune-*.yaml)")
     parser.add_argument("--out", help="output folder (default results/tuning/<study>)")
     parser.add_argument("--storage", help="journal file path or database URL (default: <out>/optuna.journal)")
-    parser.add_argument("--n-trials", type=int, help="total trials in the study (default: the spec's)")
+    parser.add_argument(
+        "--n-trials", type=int, help="trials in the study, queued by the init stage (default: the spec's)"
+    )
     parser.add_argument("--stage", choices=["all", "init", "work", "best"], default="all")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override every trial"
@@ -528,11 +594,11 @@ def run_cli(args: Any) -> int:
         storage = make_storage(args.storage, out_dir)
         track = not args.no_track
         if args.stage in ("all", "init"):
-            init_study(spec, storage, out_dir, track=track, tracking_uri=args.tracking_uri)
-        if args.stage in ("all", "work"):
-            tally = run_worker(
-                spec, storage, out_dir, args.n_trials, track, args.tracking_uri, data_dir=args.data_dir
+            init_study(
+                spec, storage, out_dir, track=track, tracking_uri=args.tracking_uri, n_trials=args.n_trials
             )
+        if args.stage in ("all", "work"):
+            tally = run_worker(spec, storage, out_dir, None, track, args.tracking_uri, data_dir=args.data_dir)
             print(f"{spec.name}: this worker ran {tally}", file=sys.stderr)
             if tally["FAIL"] and not (tally["COMPLETE"] or tally["PRUNED"]):
                 print(f"error: every trial of this worker failed; see {out_dir}/trials/*/", file=sys.stderr)
