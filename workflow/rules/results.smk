@@ -22,7 +22,17 @@ rule report:
         runs=table_outputs(),
         tuning=tuning_outputs(),
     output:
-        f"{RESULTS}/report/index.html",
+        html=report(
+            f"{RESULTS}/report/index.html",
+            caption="../../reports/templates/report.rst",
+            category="Analysis report",
+        ),
+        figures=report(
+            directory(f"{RESULTS}/report/figures"),
+            patterns=["{name}.png"],
+            caption="../../reports/templates/figures.rst",
+            category="Figures",
+        ),
     params:
         module=config["report"]["module"],
         table=f"{TABLES}/runs.parquet",
@@ -32,4 +42,4 @@ rule report:
     localrule: True
     shell:
         "{PY} -m {params.module} --table {params.table}"
-        " --curves {params.curves} --tuning {TUNING} --out {output} > {log} 2>&1"
+        " --curves {params.curves} --tuning {TUNING} --out {output.html} > {log} 2>&1"
