@@ -8,6 +8,9 @@ of one; ``metrics.json`` lands last and marks the run complete.
 
 Files in ``OUT``: checkpoint.pt, config.yaml (resolved), history.jsonl (one line per eval),
 mlflow_run_id, metrics.json on success, failed.json on a non-finite loss.
+
+Under ``torchrun`` with several processes the same loop runs data-parallel (:mod:`palimpsa.distributed`):
+each rank takes its slice of the global batch, and only rank 0 writes these files and tracks the run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from palimpsa.config import RunConfig, TrainConfig, config_to_dict, flatten
 from palimpsa.diagnostics import collect_diagnostics, summary
+from palimpsa.distributed import world_size_from_env
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -319,6 +323,11 @@ class NonFiniteError(TrainingError):
 class Trainer:
     """One run. Use :func:`train`; the class only keeps the loop's pieces together."""
 
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and tracks: the only one, or rank 0 of a data-parallel job."""
+        return self.dist is None or self.dist.is_main
+
     def __init__(self, cfg: RunConfig, out_dir: str | Path, data_dir: str | Path | None = None):
         from palimpsa.model import build_model
         from palimpsa.tasks import build_task
@@ -329,11 +338,18 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.device = resolve_device(cfg.train.device)
-        self.amp = autocast_for(self.device, cfg.train.precision)
         seed_everything(cfg.seed)
         self.data = build_task(cfg.task, data_dir, cfg.seed)
         self.plan = Plan.make(cfg.train, self.data.train_inputs.shape[0])
+        self.dist = None
+        if world_size_from_env() > 1:  # launched by torchrun: one rank of a data-parallel job
+            from palimpsa.distributed import setup
+
+            self.dist = setup(self.device, self.plan.batch_size)
+            self.device = self.dist.device
+        self.amp = autocast_for(self.device, cfg.train.precision)
         self.model = build_model(cfg, self.data.vocab_size).to(self.device)
+        self.net = self.model if self.dist is None else self.dist.wrap(self.model)  # what training calls
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.train.weight_decay),
             lr=cfg.train.lr,
@@ -377,6 +393,8 @@ class Trainer:
         now = time.perf_counter()
         self.state.wall_seconds += now - self.session_start - self.wall_at_checkpoint
         self.wall_at_checkpoint = now - self.session_start
+        if not self.is_main:
+            return
         blob = {
             "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.cfg),
@@ -419,13 +437,18 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         self.model.train()
         with self.amp():
-            logits = self.model(x)
+            logits = self.net(x)
         total, count = masked_cross_entropy(logits, y)
-        loss = total / max(count, 1)
+        if self.dist is None:
+            loss = total / max(count, 1)
+            value = float(loss.detach())
+        else:  # DDP averages gradients over ranks: scale so the result is the global per-token mean
+            global_total, global_count = self.dist.sum(total.detach(), count)
+            loss = total * self.dist.world_size / max(global_count, 1)
+            value = global_total / max(global_count, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
-        value = float(loss.detach())
         if not math.isfinite(value) or not math.isfinite(grad_norm):  # checked before the update
             what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {grad_norm}"
             raise NonFiniteError(f"non-finite {what} at step {self.state.step + 1}")
@@ -441,6 +464,8 @@ class Trainer:
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(self.cfg.seed, epoch, self.data.train_inputs.shape[0]), epoch
             idx = order[pos * batch : (pos + 1) * batch]
+            if self.dist is not None:
+                idx = idx[self.dist.local_slice(batch)]
             yield (
                 self.data.train_inputs[idx].to(self.device, non_blocking=True),
                 self.data.train_targets[idx].to(self.device, non_blocking=True),
@@ -479,7 +504,8 @@ class Trainer:
         st.history.append(entry)
         logged = {k: v for k, v in entry.items() if k not in ("step", "epoch", "train_loss")}  # per-step keys
         tracker.log_metrics({**logged, **diag}, step=st.step)
-        atomic_write(self.out / HISTORY, lambda h: h.writelines(json.dumps(e) + "\n" for e in st.history))
+        if self.is_main:
+            atomic_write(self.out / HISTORY, lambda h: h.writelines(json.dumps(e) + "\n" for e in st.history))
         self._check_stop(metrics)
         return {**entry, "diagnostics": diag}
 
@@ -509,10 +535,11 @@ class Trainer:
             loss, grad_norm = self.train_step(x, y)
             st.train_seconds += time.perf_counter() - start
             st.step += 1
-            st.tokens += x.numel()
+            tokens = x.numel() * (1 if self.dist is None else self.dist.world_size)  # the global batch's
+            st.tokens += tokens
             st.losses_since_eval.append(loss)
             st.losses_since_log.append(loss)
-            window_tokens += x.numel()
+            window_tokens += tokens
             progress.update(st.step, loss)
             if st.step % self.log_every == 0:
                 now = time.perf_counter()
@@ -533,9 +560,12 @@ class Trainer:
                 progress.eval_line(last_eval, self.data.metric)
                 if self.on_eval is not None:  # e.g. Optuna: report, maybe raise StopTraining
                     self.on_eval(st.step, last_eval)
-            if signals.requested is not None:
+            requested = signals.requested
+            if self.dist is not None and self.dist.any(requested is not None):  # all ranks stop together
+                requested = requested or "stop signal on another rank"
+            if requested is not None:
                 self.save_checkpoint()
-                raise KeyboardInterrupt(f"{signals.requested} at step {st.step}; checkpoint saved")
+                raise KeyboardInterrupt(f"{requested} at step {st.step}; checkpoint saved")
             if st.step % self.cfg.train.checkpoint_every == 0 and st.step < plan.total_steps:
                 self.save_checkpoint()
         if st.stop_reason is None:
@@ -583,6 +613,7 @@ class Trainer:
             "precision": "bf16" if self.amp is not contextlib.nullcontext else "fp32",
             "num_threads": torch.get_num_threads(),
             "resumed": self.resumed,
+            "world_size": 1 if self.dist is None else self.dist.world_size,
             "backends": backends,
             "mlflow_run_id": st.mlflow_run_id,
             **last_eval["diagnostics"],
@@ -690,19 +721,33 @@ def train(
     ``on_eval(step, eval_entry)`` runs after every eval; raising :class:`StopTraining` from it ends the
     run early (tracked run KILLED) -- the hook Optuna pruning uses.
     """
-    from palimpsa.tracking import git_commit, open_tracker
-
     trainer = Trainer(cfg, out_dir, data_dir)
     trainer.on_eval = on_eval
-    out, st = trainer.out, trainer.state
-    resolved_config = out / "config.yaml"
-    atomic_write(resolved_config, lambda h: h.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
+    try:
+        return _train(trainer, cfg, config_path, progress)
+    finally:
+        if trainer.dist is not None:
+            from palimpsa.distributed import teardown
 
-    tracker = open_tracker(cfg.tracking, cfg.name, run_id=_read_run_id(out) or st.mlflow_run_id)
-    st.mlflow_run_id = tracker.run_id
+            teardown(trainer.dist)
+
+
+def _train(
+    trainer: Trainer, cfg: RunConfig, config_path: str | Path | None, progress: bool
+) -> dict[str, Any]:
+    from palimpsa.tracking import NullTracker, git_commit, open_tracker
+
+    out, st, main = trainer.out, trainer.state, trainer.is_main
+    resolved_config = out / "config.yaml"
+    if main:
+        atomic_write(resolved_config, lambda h: h.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
+        tracker = open_tracker(cfg.tracking, cfg.name, run_id=_read_run_id(out) or st.mlflow_run_id)
+        st.mlflow_run_id = tracker.run_id
+    else:
+        tracker = NullTracker()
     if tracker.run_id:
         atomic_write(out / RUN_ID, lambda h: h.write(tracker.run_id + "\n"))
-    bar = Progress(trainer.plan.total_steps, st.step, enabled=progress)
+    bar = Progress(trainer.plan.total_steps, st.step, enabled=progress and main)
     try:
         commit, dirty = git_commit()
         tracker.set_tags(
@@ -725,6 +770,8 @@ def train(
             _summary_metrics(result, evaluated_at_end=last_eval is None or last_eval["step"] != st.step),
             step=st.step,
         )
+        if not main:
+            return result
         staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
         try:
             write_json(staging / METRICS, result)
@@ -741,7 +788,8 @@ def train(
         return result
     except NonFiniteError as err:
         bar.close()
-        write_json(out / FAILED, {"status": "FAILED", "reason": str(err), "step": st.step + 1})
+        if main:
+            write_json(out / FAILED, {"status": "FAILED", "reason": str(err), "step": st.step + 1})
         tracker.end("FAILED", reason=str(err))
         raise
     except StopTraining as err:
