@@ -8,8 +8,6 @@ per token for the fixed-memory mixers and equals the full forward.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from palimpsa.atomic import atomic_torch_save
 from palimpsa.config import ConfigError, ModelConfig, RunConfig, config_from_dict, config_to_dict
 from palimpsa.layers import build_mixer
 from palimpsa.layers.common import Cache, RMSNorm
@@ -198,20 +197,6 @@ def build_model(cfg: RunConfig, vocab_size: int | None = None) -> PalimpsaLM:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(path: str | Path, model: PalimpsaLM, cfg: RunConfig, **extra: Any) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from palimpsa.atomic import atomic_torch_save
 from palimpsa.tasks.base import TaskData
 
 # Bump when a generator changes what it emits for the same config and seed: old files stop matching.
@@ -35,14 +34,6 @@ def load_cached(path: Path) -> TaskData | None:
 
 def save_cached(path: Path, data: TaskData) -> None:
     """Write atomically: a reader sees the old file or the complete new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {name: getattr(data, name).contiguous() for name in TaskData.TENSORS}
     blob.update(vocab_size=data.vocab_size, metric=data.metric)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(blob, path)
