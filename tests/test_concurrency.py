@@ -142,3 +142,51 @@ def test_parallel_optuna_workers_run_exactly_the_requested_trials(tmp_path: Path
     assert all(r.info.status == "FINISHED" for r in trials)
     by_run = {t.user_attrs["mlflow_run_id"]: t.number for t in study.trials}
     assert {r.info.run_id: int(r.data.tags["optuna.trial"]) for r in trials} == by_run
+
+
+def test_a_dead_workers_trial_is_replaced_exactly_once(tmp_path: Path) -> None:
+    import socket
+
+    import optuna
+
+    from palimpsa.tuning import (
+        _claim,
+        _retire_stale_trials,
+        init_study,
+        load_tune_spec,
+        make_storage,
+        run_worker,
+    )
+
+    base = {
+        **TINY,
+        "train": {**TINY["train"], "max_steps": 4, "eval_every": 4},
+        "tracking": {"enabled": False},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec_doc = {
+        "description": "dead worker",
+        "base": "base.yaml",
+        "n_trials": 2,
+        "space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True}},
+    }
+    (tmp_path / "tune-dead.yaml").write_text(yaml.safe_dump(spec_doc))
+    spec, out = load_tune_spec(tmp_path / "tune-dead.yaml"), tmp_path / "out"
+    init_study(spec, make_storage(None, out), out, track=False)
+    init_study(spec, make_storage(None, out), out, track=False)  # idempotent: nothing queued twice
+    study = optuna.load_study(study_name=spec.name, storage=make_storage(None, out))
+    assert len(study.trials) == 2
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    trial = _claim(study)  # a worker claimed it, then died without a word
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", int(dead.stdout))
+    for _ in range(2):  # two workers find the orphan: one retires it and queues one replacement
+        _retire_stale_trials(optuna.load_study(study_name=spec.name, storage=make_storage(None, out)))
+    tally = run_worker(spec, make_storage(None, out), out, track=False, data_dir=tmp_path / "data")
+    assert tally == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 0}
+    trials = optuna.load_study(study_name=spec.name, storage=make_storage(None, out)).trials
+    states = sorted(t.state.name for t in trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"] and trials[trial.number].user_attrs["stale"] is True
