@@ -294,7 +294,8 @@ def parse_task(data: Any, prefix: str = "task.") -> Any:
 
     _check(isinstance(data, dict), prefix.rstrip("."), "expected a mapping with a 'name'")
     name = data.get("name")
-    _check(name in TASK_CONFIGS, f"{prefix}name", f"must be one of {sorted(TASK_CONFIGS)}, got {name!r}")
+    known = isinstance(name, str) and name in TASK_CONFIGS
+    _check(known, f"{prefix}name", f"must be one of {sorted(TASK_CONFIGS)}, got {name!r}")
     return parse_dataclass(TASK_CONFIGS[name], data, prefix=prefix)
 
 

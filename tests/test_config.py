@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -137,7 +138,12 @@ def malformed_configs(draw: st.DrawFn) -> tuple[dict, str]:
     return data, ",".join(touched)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("PALIMPSA_FUZZ_EXAMPLES", "250")),
+    deadline=None,
+    derandomize=os.environ.get("PALIMPSA_FUZZ_RANDOM") != "1",  # CI is reproducible; set it to explore
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(malformed_configs())
 def test_validator_never_crashes_on_malformed_configs(case: tuple[dict, str]) -> None:
     """Either the config is still valid, or one ConfigError names a dotted key that exists in the input."""
