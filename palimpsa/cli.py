@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +93,8 @@ def train_command(parser: argparse.ArgumentParser) -> Runner:
             cfg, args.out, config_path=args.config, data_dir=args.data_dir, progress=not args.quiet
         )
         keys = ("val_accuracy", "val_loss", "steps", "wall_seconds", "tokens_per_second", "mlflow_run_id")
-        print(json.dumps({k: result[k] for k in keys if k in result}))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, not one per process
+            print(json.dumps({k: result[k] for k in keys if k in result}))
         return 0
 
     return run
