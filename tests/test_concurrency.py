@@ -11,41 +11,25 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = 8
 WORKERS = 4
 TRIALS = 6
 
-TINY = {
-    "name": "conc",
-    "seed": 0,
-    "task": {
-        "name": "mqar",
-        "vocab_size": 16,
-        "seq_len": 16,
-        "num_kv_pairs": 2,
-        "num_train": 64,
-        "num_val": 16,
-    },
-    "model": {
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
-    },
-    "train": {
-        "lr": 1.0e-2,
-        "batch_size": 16,
+TINY = tiny_config(
+    "conc",
+    train={
         "max_steps": 24,
         "eval_every": 8,
-        "warmup_steps": 2,
         "checkpoint_every": 8,
         "log_every": 2,
         "num_threads": 1,
         "device": "cpu",
     },
-    "tracking": {"experiment": "conc"},
-}
+    tracking={"experiment": "conc"},
+)
 
 
 def env_for(uri: str) -> dict[str, str]:

@@ -12,38 +12,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
-CONFIG = {
-    "name": "ddp-tiny",
-    "seed": 0,
-    "task": {
-        "name": "mqar",
-        "vocab_size": 16,
-        "seq_len": 16,
-        "num_kv_pairs": 2,
-        "num_train": 64,
-        "num_val": 16,
-    },
-    "model": {
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
-    },
-    "train": {
-        "lr": 1.0e-2,
-        "batch_size": 16,
-        "max_steps": STEPS,
-        "eval_every": 1,  # one history line per step: its train_loss is that step's loss
-        "log_every": 1,
-        "warmup_steps": 2,
-        "num_threads": 1,
-        "device": "cpu",
-    },
-    "tracking": {"enabled": False, "experiment": "ddp"},
-}
+CONFIG = tiny_config(
+    "ddp-tiny",
+    # eval_every 1: one history line per step, whose train_loss is that step's loss
+    train={"max_steps": STEPS, "eval_every": 1, "log_every": 1, "num_threads": 1, "device": "cpu"},
+    tracking={"enabled": False, "experiment": "ddp"},
+)
 
 
 def torchrun(nproc: int) -> list[str]:

@@ -21,28 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 from postgres_sandbox import available, create_database, postgres_server
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("PALIMPSA_REQUIRE_POSTGRES") == "1"
 
-BASE = {
-    "name": "pg",
-    "seed": 0,
-    "task": {
-        "name": "mqar",
-        "vocab_size": 16,
-        "seq_len": 16,
-        "num_kv_pairs": 2,
-        "num_train": 64,
-        "num_val": 16,
-    },
-    "model": {
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
-    },
-    "train": {"lr": 1.0e-2, "batch_size": 16, "max_steps": 8, "eval_every": 4, "warmup_steps": 2},
-}
+BASE = tiny_config("pg")
 KINDS = ["palimpsa", "mamba2"]
 TRIALS = 3
 

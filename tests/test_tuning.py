@@ -11,31 +11,14 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from tiny import tiny_config
 
 from palimpsa.grid import GridError, load_grid
 from palimpsa.tuning import init_study, load_tune_spec, make_objective, make_storage, run_study, write_best
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE = {
-    "name": "tiny",
-    "seed": 0,
-    "task": {
-        "name": "mqar",
-        "vocab_size": 16,
-        "seq_len": 16,
-        "num_kv_pairs": 2,
-        "num_train": 64,
-        "num_val": 16,
-    },
-    "model": {
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
-    },
-    "train": {"lr": 1.0e-2, "batch_size": 16, "max_steps": 8, "eval_every": 2, "warmup_steps": 1},
-    "tracking": {"enabled": False},
-}
+BASE = tiny_config(train={"eval_every": 2, "warmup_steps": 1}, tracking={"enabled": False})
 SPACE = {
     "train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True},
     "model.mixer.beta_rank": {"type": "categorical", "choices": [1, 2]},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -84,31 +85,7 @@ def test_bad_grid_stops_the_workflow_naming_file_and_key(tmp_path: Path) -> None
 
 # --------------------------------------------------------------------------- a real tiny run
 
-TINY_BASE = {
-    "name": "tiny",
-    "seed": 0,
-    "task": {
-        "name": "mqar",
-        "vocab_size": 16,
-        "seq_len": 16,
-        "num_kv_pairs": 2,
-        "num_train": 128,
-        "num_val": 32,
-    },
-    "model": {
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
-    },
-    "train": {
-        "lr": 1.0e-2,
-        "batch_size": 16,
-        "max_steps": 16,
-        "eval_every": 4,
-        "warmup_steps": 2,
-        "device": "cpu",
-    },
-}
+TINY_BASE = tiny_config(task={"num_train": 128, "num_val": 32}, train={"max_steps": 16, "device": "cpu"})
 
 
 @pytest.fixture(scope="module")
