@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from palimpsa.atomic import atomic_write
 from palimpsa.config import RunConfig, TrainConfig, config_to_dict, flatten
 from palimpsa.diagnostics import collect_diagnostics, summary
 from palimpsa.distributed import world_size_from_env
@@ -176,22 +177,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write through a temporary file in the same folder, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 import yaml
 
+from palimpsa.atomic import atomic_write
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
 
@@ -231,9 +232,10 @@ def init_study(
 def _create_parent_run(spec: TuneSpec, tracking_uri: str | None) -> str:
     import mlflow
 
+    from palimpsa.tracking import ensure_experiment
+
     client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
-    exp = client.get_experiment_by_name(spec.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    exp_id = ensure_experiment(client, spec.experiment)  # artifacts beside the store, under its lock
     run = client.create_run(
         exp_id,
         run_name=spec.name,
@@ -251,10 +253,7 @@ def _default_tracking_uri() -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 # --------------------------------------------------------------------------- trials

@@ -179,6 +179,11 @@ def test_tiny_run_is_tracked(project: Path) -> None:
     assert len(study) == 1 and len(trials) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {study[0].info.run_id}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
+    # every experiment keeps its artifacts beside the store, none in ./mlruns of the working directory
+    assert not (project / "mlruns").exists()
+    results_uri = (project / "results").resolve().as_uri()
+    for run in [*points, *sweep, *study, *trials]:
+        assert run.info.artifact_uri.startswith(results_uri), run.info.artifact_uri
 
 
 @pytest.mark.slow

@@ -40,9 +40,10 @@ def init(args: argparse.Namespace) -> None:
 
 
 def sweep(args: argparse.Namespace) -> None:
+    from palimpsa.tracking import ensure_experiment
+
     client = _client(args.tracking_uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+    exp_id = ensure_experiment(client, args.experiment)  # artifacts beside the store, under its lock
     if args.description:
         client.set_experiment_tag(exp_id, "mlflow.note.content", args.description)
     tags = {str(k): str(v) for k, v in json.loads(args.tags or "{}").items()}
