@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from tiny import tiny_config as tiny_run
 
 from palimpsa.config import RunConfig, TrackingConfig, config_from_dict
 from palimpsa.tracking import DEFAULT_URI, MlflowTracker, NullTracker, open_tracker, resolve_tracking_uri
@@ -20,47 +21,20 @@ from palimpsa.training import CHECKPOINT, RUN_ID, TrainingError, train
 
 
 def tiny_config(uri: str | None, **train_overrides) -> RunConfig:
+    train = {"epochs": 2, "max_steps": None, "eval_every": 8, "checkpoint_every": 4, "log_every": 2}
     return config_from_dict(
-        {
-            "name": "tiny",
-            "seed": 1,
-            "task": {
-                "name": "mqar",
-                "vocab_size": 32,
-                "seq_len": 16,
-                "num_kv_pairs": 2,
-                "num_train": 256,
-                "num_val": 64,
-            },
-            "model": {
-                "d_model": 16,
-                "n_layers": 1,
-                "mixer": {
-                    "kind": "palimpsa",
-                    "num_heads": 2,
-                    "head_k_dim": 8,
-                    "head_v_dim": 8,
-                    "beta_rank": 4,
-                },
-            },
-            "train": {
-                "lr": 1e-2,
-                "batch_size": 16,
-                "warmup_steps": 2,
-                "epochs": 2,
-                "eval_every": 8,
-                "checkpoint_every": 4,
-                "log_every": 2,
-                "num_threads": 1,
-                **train_overrides,
-            },
-            "tracking": {
+        tiny_run(
+            seed=1,
+            task={"vocab_size": 32, "num_train": 256, "num_val": 64},
+            mixer={"num_heads": 2, "beta_rank": 4},
+            train={**train, "num_threads": 1, **train_overrides},
+            tracking={
                 "enabled": uri is not None,
                 "tracking_uri": uri,
                 "experiment": "tiny-exp",
                 "tags": {"grid": "smoke"},
             },
-        }
+        )
     )
 
 

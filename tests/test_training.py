@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config as tiny_run
 from torch import nn
 
 from palimpsa.config import RunConfig, config_from_dict
@@ -33,42 +34,15 @@ from palimpsa.training import (
 
 def tiny_config(**train_overrides) -> RunConfig:
     """A 1-layer Palimpsa on MQAR small enough that a run takes about a second on one core."""
-    train_cfg = {
-        "lr": 1e-2,
-        "batch_size": 16,
-        "warmup_steps": 2,
-        "epochs": 2,
-        "eval_every": 8,
-        "checkpoint_every": 4,
-        "num_threads": 1,
-        **train_overrides,
-    }
+    train = {"epochs": 2, "max_steps": None, "eval_every": 8, "checkpoint_every": 4, "num_threads": 1}
     return config_from_dict(
-        {
-            "name": "tiny",
-            "seed": 3,
-            "task": {
-                "name": "mqar",
-                "vocab_size": 32,
-                "seq_len": 16,
-                "num_kv_pairs": 2,
-                "num_train": 256,
-                "num_val": 64,
-            },
-            "model": {
-                "d_model": 16,
-                "n_layers": 1,
-                "mixer": {
-                    "kind": "palimpsa",
-                    "num_heads": 2,
-                    "head_k_dim": 8,
-                    "head_v_dim": 8,
-                    "beta_rank": 4,
-                },
-            },
-            "train": train_cfg,
-            "tracking": {"enabled": False},
-        }
+        tiny_run(
+            seed=3,
+            task={"vocab_size": 32, "num_train": 256, "num_val": 64},
+            mixer={"num_heads": 2, "beta_rank": 4},
+            train={**train, **train_overrides},
+            tracking={"enabled": False},
+        )
     )
 
 

@@ -6,9 +6,15 @@ from typing import Any
 
 
 def tiny_config(
-    name: str = "tiny", *, task: dict[str, Any] | None = None, train: dict[str, Any] | None = None, **top: Any
+    name: str = "tiny",
+    *,
+    task: dict[str, Any] | None = None,
+    mixer: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    **top: Any,
 ) -> dict[str, Any]:
-    """A fresh run-config mapping: ``task`` and ``train`` extend the defaults, ``top`` adds sections."""
+    """A fresh run-config mapping: ``task``, ``mixer`` and ``train`` extend the defaults; ``top`` sets
+    top-level keys (``seed``, ``tracking``, ...)."""
     return {
         "name": name,
         "seed": 0,
@@ -24,7 +30,14 @@ def tiny_config(
         "model": {
             "d_model": 16,
             "n_layers": 1,
-            "mixer": {"kind": "palimpsa", "num_heads": 1, "head_k_dim": 8, "head_v_dim": 8, "beta_rank": 2},
+            "mixer": {
+                "kind": "palimpsa",
+                "num_heads": 1,
+                "head_k_dim": 8,
+                "head_v_dim": 8,
+                "beta_rank": 2,
+                **(mixer or {}),
+            },
         },
         "train": {
             "lr": 1.0e-2,
