@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palimpsa.config import (
+    MIXER_KINDS,
     ConfigError,
     RunConfig,
     config_from_dict,
@@ -99,8 +100,13 @@ def test_overrides_and_file_errors(tmp_path: Path) -> None:
 
 
 def test_shipped_run_configs_are_valid() -> None:
-    for path in sorted((ROOT / "ablations").glob("mqar-*.yaml")):
-        load_config(path)
+    """Every run config the project ships (grids are checked by the grid tests) loads cleanly."""
+    ablations = ROOT / "ablations"
+    paths = sorted(ablations.glob("mqar-*.yaml")) + sorted((ablations / "base").glob("*.yaml"))
+    assert len(paths) >= 3, paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.task.name == "mqar" and cfg.model.mixer.kind in MIXER_KINDS, path
 
 
 # --------------------------------------------------------------------------- fuzzing the validator
