@@ -251,8 +251,9 @@ def test_failing_run_fails_alone(project: Path) -> None:
 # --------------------------------------------------------------------------- GPU slots
 
 
-def launch(gpus: int, visible: str, lock_dir: Path, hold_s: float) -> subprocess.Popen:
+def launch(gpus: int, visible: str, lock_dir: Path, hold_s: float, per_gpu: int = 1) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PALIMPSA_GPU_LOCK_DIR": str(lock_dir)}
+    env["PALIMPSA_JOBS_PER_GPU"] = str(per_gpu)
     env.pop("SLURM_JOB_ID", None)
     code = "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], time.time(), flush=True); "
     code += f"time.sleep({hold_s})"
@@ -280,6 +281,19 @@ def test_gpu_slots_queue_when_all_are_taken(tmp_path: Path) -> None:
     device, begun = second.communicate(timeout=60)[0].split()
     first.communicate(timeout=60)
     assert device == "0" and float(begun) >= started + 1.9, "the second job waited for the GPU"
+
+
+def test_gpu_slots_share_a_device_when_jobs_per_gpu_allows(tmp_path: Path) -> None:
+    jobs = [launch(1, "0", tmp_path, 2.0, per_gpu=2) for _ in range(2)]
+    starts = [float(job.stdout.readline().split()[1]) for job in jobs]
+    for job in jobs:
+        job.communicate(timeout=60)
+    assert abs(starts[0] - starts[1]) < 1.5, "both jobs ran on GPU 0 at once"
+    third = [launch(1, "0", tmp_path, 1.0, per_gpu=2) for _ in range(3)]
+    begun = sorted(float(job.stdout.readline().split()[1]) for job in third)
+    for job in third:
+        job.communicate(timeout=60)
+    assert begun[2] >= begun[0] + 0.9, "a third job waits for one of the two slots"
 
 
 def test_gpu_slots_hide_gpus_from_cpu_jobs_and_pass_exit_codes(tmp_path: Path) -> None:

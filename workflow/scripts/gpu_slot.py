@@ -6,6 +6,9 @@ even if the job is killed), sets ``CUDA_VISIBLE_DEVICES`` to them and runs the c
 ``--gpus 0`` it hides every GPU, so CPU jobs on a GPU box stay off the devices. Under SLURM the
 allocation already sets ``CUDA_VISIBLE_DEVICES``; the command runs unchanged.
 
+Small models leave a GPU mostly idle: ``$PALIMPSA_JOBS_PER_GPU`` (default 1) lets that many jobs share
+each GPU; then raise ``--resources gpu=`` to GPUs x jobs per GPU.
+
 Visible GPUs: ``$CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``. Locks live in
 ``$PALIMPSA_GPU_LOCK_DIR`` (default: a per-user folder in the temp dir), so concurrent workflows on
 one machine share the slots.
@@ -35,13 +38,19 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def take_slots(gpus: list[str], n: int, lock_dir: Path, poll_s: float = 0.5) -> tuple[list[str], list[int]]:
-    """Block until ``n`` GPUs are free; return their ids and the open lock descriptors."""
+def take_slots(
+    gpus: list[str], n: int, lock_dir: Path, per_gpu: int = 1, poll_s: float = 0.5
+) -> tuple[list[str], list[int]]:
+    """Block until ``n`` distinct GPUs each have a free slot (``per_gpu`` a GPU); return ids and locks."""
     lock_dir.mkdir(parents=True, exist_ok=True)
+    slots = [(gpu, i) for i in range(per_gpu) for gpu in gpus]  # spread jobs over GPUs before stacking
     while True:
         held: list[tuple[str, int]] = []
-        for gpu in gpus:
-            fd = os.open(lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        for gpu, i in slots:
+            if any(g == gpu for g, _ in held):
+                continue
+            name = f"gpu-{gpu}.lock" if i == 0 else f"gpu-{gpu}-{i}.lock"
+            fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -78,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         default_dir = Path(tempfile.gettempdir()) / f"palimpsa-gpu-slots-{os.getuid()}"
         lock_dir = Path(os.environ.get("PALIMPSA_GPU_LOCK_DIR", default_dir))
-        chosen, fds = take_slots(gpus, args.gpus, lock_dir)
+        per_gpu = int(os.environ.get("PALIMPSA_JOBS_PER_GPU", "1"))
+        if per_gpu < 1:
+            print(f"error: PALIMPSA_JOBS_PER_GPU must be >= 1, got {per_gpu}", file=sys.stderr)
+            return 1
+        chosen, fds = take_slots(gpus, args.gpus, lock_dir, per_gpu)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
         print(f"gpu_slot: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
