@@ -165,7 +165,8 @@ class PalimpsaLM(nn.Module):
                 I, ip = importance
                 B, H = I.shape[:2]
                 ratio = (I.double() / ip.double()[None, :, None, None]).reshape(B, H, -1)
-                qs = torch.quantile(ratio, torch.tensor(DIAG_QUANTILES, dtype=ratio.dtype), dim=-1).mean(1)
+                levels = torch.tensor(DIAG_QUANTILES, dtype=ratio.dtype, device=ratio.device)
+                qs = torch.quantile(ratio, levels, dim=-1).mean(1)
                 frac = (ratio >= CONSOLIDATED_RATIO).double().mean(dim=(0, 2))  # [H]
                 lr_eff = (1 / I.double()).reshape(B, H, -1).mean(dim=(0, 2))
                 for head in range(H):
