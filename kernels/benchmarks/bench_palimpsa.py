@@ -15,10 +15,8 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
-Variants of our op: ``palimpsa_triton`` (the default backward), ``palimpsa_triton_v2`` (the per-row
-backward of ``kernels.palimpsa.chunk_v2``, tf32 products) and ``palimpsa_triton_v2_lowp`` (the same with
-fp16 operands for its two state products). Rows run in priority order (our rows and GDN on every shape
-first, then the other baselines); ``--budget-s`` stops starting new rows after that many seconds.
+Rows run in priority order (our op and GDN on every shape first, then the other baselines);
+``--budget-s`` stops starting new rows after that many seconds.
 
 Writes ``latest.json`` (a list of records) and ``latest.md`` (the table) into ``--out``.
 """
@@ -79,15 +77,7 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-def _variant(x: list, variant: str) -> torch.Tensor:
-    """Our op through one explicit Triton variant (``kernels.palimpsa.chunk.VARIANTS``)."""
-    from kernels.palimpsa.chunk import chunk_palimpsa
-
-    return chunk_palimpsa(*x, variant=variant)[0]
-
-
-PRIORITY = ("palimpsa_triton", "palimpsa_triton_v2", "palimpsa_triton_v2_lowp", "fla_gdn_chunk")
-VARIANT_OF = {"palimpsa_triton": "v1", "palimpsa_triton_v2": "v2", "palimpsa_triton_v2_lowp": "v2-lowp"}
+PRIORITY = ("palimpsa_triton", "fla_gdn_chunk")
 
 
 def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list], torch.Tensor]]]:
@@ -98,11 +88,6 @@ def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list],
             lambda x: palimpsa_attn(*x, backend="triton")[0],
         ),
     }
-    out["palimpsa_triton_v2"] = (lambda: palimpsa_inputs(B, T, H, K, V), lambda x: _variant(x, "v2"))
-    out["palimpsa_triton_v2_lowp"] = (
-        lambda: palimpsa_inputs(B, T, H, K, V),
-        lambda x: _variant(x, "v2-lowp"),
-    )
     if SHAPES[0][1] == (B, T, H, K, V):  # the torch form keeps per-token states of a chunk: one shape only
         out["palimpsa_torch_chunk"] = (
             lambda: palimpsa_inputs(B, T, H, K, V),
@@ -201,10 +186,10 @@ def main(argv: list[str] | None = None) -> None:
             reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
             rec |= measure(make, fwd, *reps)
             rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
-            if impl in VARIANT_OF:  # where the time goes, per kernel
+            if impl == "palimpsa_triton":  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
-                rec["kernel_ms"] = dict(per_kernel(shape, VARIANT_OF[impl])[:8])
+                rec["kernel_ms"] = dict(per_kernel(shape)[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             torch.cuda.empty_cache()

@@ -17,24 +17,21 @@ from kernels.benchmarks.bench_palimpsa import SHAPES, palimpsa_inputs
 from kernels.palimpsa import chunk, palimpsa_attn
 
 
-def step_fn(shape, variant: str | None = None):
-    """One fwd+bwd; ``variant`` picks the Triton backward (``chunk.VARIANTS``), default: the op's own."""
+def step_fn(shape):
+    """One fwd+bwd of the Triton op on fresh bf16 inputs."""
     x = palimpsa_inputs(*shape)
     dy = torch.randn(*shape[:3], shape[4], device="cuda").to(torch.bfloat16)
 
     def step():
         for t in x:
             t.grad = None
-        if variant is None:
-            palimpsa_attn(*x, backend="triton")[0].backward(dy)
-        else:
-            chunk.chunk_palimpsa(*x, variant=variant)[0].backward(dy)
+        palimpsa_attn(*x, backend="triton")[0].backward(dy)
 
     return step
 
 
-def per_kernel(shape, variant: str | None = None) -> list[tuple[str, float]]:
-    step = step_fn(shape, variant)
+def per_kernel(shape) -> list[tuple[str, float]]:
+    step = step_fn(shape)
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

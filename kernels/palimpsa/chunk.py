@@ -25,8 +25,6 @@ cumulative sums, so no cancellation across the sequence).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -252,7 +250,9 @@ def _main_bwd(
     u_c = tl.load(u + rows_vc, mask=mcv, other=0.0).to(tl.float32)
     b_c = tl.load(beta + rows_vc, mask=mcv, other=0.0).to(tl.float32)
     a_next = 1.0  # alpha of the token after the current one, inside the chunk (E_c already carries it)
-    dip_acc = 0.0
+    # the Ip gradient sums every element of every token with both signs: fp64 across rows and tokens keeps
+    # it at fp32 rounding of the rows instead of growing with the square root of T * V
+    dip_acc = tl.sum(tl.zeros([C], dtype=tl.float64), axis=0)
     for j in range(L):
         t = L - 1 - j
         tok = t0 + t
@@ -277,7 +277,7 @@ def _main_bwd(
             wr = wv[:, None] * r
             d_i -= wr * r * (qt * qt)[None, :]
             dq_t += 2.0 * qt * tl.sum(wr, axis=0)
-        dip_acc += tl.sum(tl.sum(d_i, axis=1), axis=0)
+        dip_acc += tl.sum(tl.sum(d_i, axis=1).to(tl.float64), axis=0)
         # d log alpha_{t+1} = alpha_{t+1} <dS_{t+1}, S_t> (this V block's share); token t+1 < L only
         nxt_la = a_next * tl.sum(tl.sum(gm * m_t + gi * i_t, axis=1), axis=0)
         one = (tc == 0) & (tc + t + 1 < L)  # a single active lane, and only inside the chunk
@@ -311,9 +311,6 @@ def _put(ptr, val, mask, ATOMIC: tl.constexpr):
     else:
         tl.store(ptr, val, mask=mask)
 
-
-VARIANTS = ("v1", "v2", "v2-lowp")
-DEFAULT_VARIANT = "v1"
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
 CONFIG: dict[str, int] = {
@@ -369,14 +366,11 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dvar, dTm, dTi):
-        return backward_with(ctx, dy, dvar, dTm, dTi, _main_step)
+        return _backward(ctx, dy, dvar, dTm, dTi)
 
 
-def backward_with(ctx, dy, dvar, dTm, dTi, main_step):
-    """Steps 3-4 (local pulls and the reverse scan over chunks), then ``main_step`` for the per-token grads.
-
-    Shared by the kernel variants: they differ only in how step 5 forms the per-token gradients.
-    """
+def _backward(ctx, dy, dvar, dTm, dTi):
+    """Steps 3-4 (local pulls and the reverse scan over chunks), then step 5 for the per-token gradients."""
     q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
     scale, layout, C, use_init, output_final = ctx.meta
     _, TT, H, K = q.shape
@@ -408,7 +402,7 @@ def backward_with(ctx, dy, dvar, dTm, dTi, main_step):
         HAS_DFINAL=has_dfinal, num_warps=4,
     )  # fmt: skip
     # 5. everything per token
-    dq, dk, du, db, dla, dip = main_step(
+    dq, dk, du, db, dla, dip = _main_step(
         q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C
     )
     dm0 = d0m if use_init else None
@@ -420,7 +414,7 @@ def backward_with(ctx, dy, dvar, dTm, dTi, main_step):
 
 
 def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C):
-    """Step 5 of the default variant: walk each chunk backwards token by token."""
+    """Step 5: walk each chunk backwards token by token."""
     _, TT, H, K = q.shape
     V = u.shape[-1]
     NT = layout.num_chunks
@@ -434,7 +428,7 @@ def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dva
     du = torch.empty_like(u)
     db = torch.empty_like(beta)
     dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
-    dip = q.new_empty(NVm, NT, H, dtype=torch.float32)
+    dip = q.new_empty(NVm, NT, H, dtype=torch.float64)
     _main_bwd[(NVm, NT, H)](
         q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
         layout.cu_seqlens, layout.chunk_index, scale,
@@ -457,23 +451,8 @@ def chunk_palimpsa(
     output_variance: bool = False,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
-    variant: str | None = None,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-    """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``.
-
-    ``variant`` picks the backward: ``"v1"`` (per-token reverse walk, the default), ``"v2"`` (per value
-    row, tensor-core products over the whole chunk; ``chunk_v2``) or ``"v2-lowp"`` (v2 with fp16 operands
-    for the state products when the inputs are 16-bit; fp32 inputs keep exact products). ``None`` reads
-    ``PALIMPSA_TRITON_VARIANT`` from the environment, else ``DEFAULT_VARIANT``: a run switches without edits.
-    """
-    variant = variant or os.environ.get("PALIMPSA_TRITON_VARIANT") or DEFAULT_VARIANT
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Palimpsa Triton variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    fn = ChunkPalimpsaFunction
-    if variant != "v1":
-        from kernels.palimpsa.chunk_v2 import FUNCTIONS
-
-        fn = FUNCTIONS[variant]
+    """Palimpsa through the chunked Triton kernels; same contract as ``palimpsa_attn``."""
     B, T, H, K = q.shape
     V = u.shape[-1]
     if cu_seqlens is not None and B != 1:
@@ -488,7 +467,7 @@ def chunk_palimpsa(
         m0 = (mu0.float() * I0.float()).contiguous()
         i0 = (I0.float() - ip_h[None, :, None, None]).contiguous()
     flat = [x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, u, beta, log_alpha)]
-    y, var, hTm, hTi = fn.apply(
+    y, var, hTm, hTi = ChunkPalimpsaFunction.apply(
         *flat, ip_h.contiguous(), m0, i0, scale, layout, output_final_state, output_variance, chunk_size
     )
     y = y.view(B, T, H, V)
