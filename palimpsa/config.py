@@ -80,6 +80,10 @@ class MixerConfig:
     plasticity_gain: bool = False
     # All kinds -------------------------------------------------------------------
     conv_size: int = 4  # short causal conv on q, k, v; 0 disables it
+    # L2 norm on q and k after the conv: "auto" is "none" for mamba2 / metamamba2 (Mamba2's C and B are not
+    # normalized; with unit keys its un-normalized read-out starts ~100x below the D skip and MQAR stalls)
+    # and "l2" for every other kind
+    qk_norm: Literal["auto", "l2", "none"] = "auto"
     backend: Literal["auto", "reference", "triton", "fla"] = "auto"
 
     def __post_init__(self) -> None:
@@ -101,6 +105,12 @@ class MixerConfig:
                 "backend",
                 f"fla has no kernel for {self.kind}; use auto/reference/triton",
             )
+
+    @property
+    def resolved_qk_norm(self) -> str:
+        if self.qk_norm != "auto":
+            return self.qk_norm
+        return "none" if self.kind in ("mamba2", "metamamba2") else "l2"
 
     @property
     def resolved_numerator(self) -> str:

@@ -84,6 +84,13 @@ def test_unknown_key_suggests_the_close_one() -> None:
         config_from_dict(data)
 
 
+def test_qk_norm_takes_only_its_choices() -> None:
+    data = copy.deepcopy(VALID)
+    data["model"]["mixer"]["qk_norm"] = "rms"
+    with pytest.raises(ConfigError, match=r"model\.mixer\.qk_norm: .*'rms'"):
+        config_from_dict(data)
+
+
 def test_overrides_and_file_errors(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(VALID))

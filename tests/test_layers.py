@@ -144,3 +144,18 @@ def test_unknown_or_invalid_backend_is_refused():
         MixerConfig(kind="palimpsa", backend="fla")
     with pytest.raises(FieldError, match="even"):
         MixerConfig(kind="attention", head_k_dim=7)
+
+
+def test_qk_norm_follows_the_member_and_can_be_set():
+    """Mamba2's C and B are not normalized (as in Mamba2); every other member L2-normalizes q and k."""
+    assert [small(k).resolved_qk_norm for k in ("mamba2", "metamamba2", "palimpsa", "gated_deltanet")] == [
+        "none", "none", "l2", "l2",
+    ]  # fmt: skip
+    torch.manual_seed(5)
+    x = torch.randn(2, 7, D_MODEL)
+    cases = [("mamba2", "auto", False), ("mamba2", "l2", True), ("palimpsa", "none", False)]
+    for kind, setting, unit in cases:
+        layer = build_mixer(small(kind, qk_norm=setting), D_MODEL, 0)
+        q, k, _, _ = layer.project(x)
+        norms = torch.cat([q, k]).norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4) == unit, (kind, setting)

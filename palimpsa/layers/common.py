@@ -1,7 +1,8 @@
 """Pieces shared by every mixer: short conv, norms, gate initialisers and the layer shell around a recurrence.
 
 The shell (DESIGN §1) is the same for every fixed-memory member of the family, so that an ablation changes
-only the recurrence: ``q, k = L2norm(SiLU(ShortConv(W x)))``, ``v = SiLU(ShortConv(W_v x))``, then
+only the recurrence: ``q, k = L2norm(SiLU(ShortConv(W x)))`` (the Mamba2 pair skips the L2 norm, as Mamba2
+does), ``v = SiLU(ShortConv(W_v x))``, then
 ``o + D_h * v -> gated RMSNorm(., W_g x) -> o_proj``. Parameter names are shared too, which is what lets a
 Mamba2 checkpoint load straight into MetaMamba2 (see ``palimpsa.conversion``).
 """
@@ -140,14 +141,16 @@ class MixerShell(nn.Module):
         return y
 
     def project(self, x: Tensor, cache: Cache | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
-        """``q, k [B, T, H, K]`` (L2-normed), ``v [B, T, H, V]`` and the new conv tails."""
+        """``q, k [B, T, H, K]`` (L2-normed unless ``qk_norm`` is none), ``v [B, T, H, V]``, conv tails."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         tails: dict[str, Tensor] = {}
         q = F.silu(self._conv("q", self.q_proj(x), cache, tails)).view(B, T, H, K)
         k = F.silu(self._conv("k", self.k_proj(x), cache, tails)).view(B, T, H, K)
         v = F.silu(self._conv("v", self.v_proj(x), cache, tails)).view(B, T, H, V)
-        return l2norm(q), l2norm(k), v, tails
+        if self.cfg.resolved_qk_norm == "l2":
+            q, k = l2norm(q), l2norm(k)
+        return q, k, v, tails
 
     def finish(self, x: Tensor, o: Tensor, v: Tensor) -> Tensor:
         B, T, H, V = o.shape

@@ -1,7 +1,8 @@
 """Mamba2 in the family's shell: simple GLA with ``q = C``, ``k = B``, ``u = dt * x``, ``alpha = exp(-A dt)``.
 
-C and B go through the same short conv, SiLU and L2 norm as every other member, so an ablation against
-Palimpsa changes only the recurrence; parameter names match MetaMamba2 so a checkpoint converts in place.
+C and B go through the same short conv and SiLU as every other member but, as in Mamba2, no L2 norm
+(``qk_norm``: with unit-norm C and B the read-out ``dt``-scaled sum starts far below the ``D`` skip and
+MQAR stalls near chance). Parameter names match MetaMamba2 so a checkpoint converts in place.
 """
 
 from __future__ import annotations
