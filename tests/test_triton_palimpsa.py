@@ -18,10 +18,22 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
     pytest.skip("triton was imported without its interpreter and there is no GPU", allow_module_level=True)
 
-from kernels.palimpsa import fused_recurrent_palimpsa, naive_recurrent_palimpsa, palimpsa_attn  # noqa: E402
+from kernels.palimpsa import chunk, fused_recurrent_palimpsa, naive_recurrent_palimpsa, palimpsa_attn  # noqa: E402
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 NAMES = ["y", "var", "mu_T", "I_T", "dq", "dk", "du", "dbeta", "dlog_alpha", "dIp", "dmu_0", "dI_0"]
+
+
+@pytest.fixture(autouse=True, params=[0, 3], ids=["walk-per-token", "walk-sub3"])
+def reverse_walk(request):
+    """Every test runs both ways of rebuilding states in the backward's reverse walk (``main_sub``):
+    a product per token, and a product per 3 tokens with an elementwise replay (3 divides no chunk size,
+    so sub-chunks also straddle the chunk's end)."""
+    saved = dict(chunk.CONFIG)
+    chunk.CONFIG["main_sub"] = request.param
+    yield request.param
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(saved)
 
 
 def make_inputs(B, T, H, K, V, gen, gates="normal", N=None):

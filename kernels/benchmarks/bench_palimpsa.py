@@ -15,7 +15,9 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
-Rows run in priority order (our op and GDN on every shape first, then the other baselines);
+Our op runs with the reverse walk's three settings (``palimpsa_triton``: a product per token;
+``_sub4`` / ``_sub8``: a product per 4 or 8 tokens and an elementwise replay). Rows run in priority order
+(ours and GDN on every shape first, then the other baselines);
 ``--budget-s`` stops starting new rows after that many seconds.
 
 Writes ``latest.json`` (a list of records) and ``latest.md`` (the table) into ``--out``.
@@ -77,16 +79,26 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-PRIORITY = ("palimpsa_triton", "fla_gdn_chunk")
+SUBS = {"palimpsa_triton": 0, "palimpsa_triton_sub4": 4, "palimpsa_triton_sub8": 8}
+PRIORITY = (*SUBS, "fla_gdn_chunk")
+
+
+def _ours(x: list, sub: int) -> torch.Tensor:
+    """Our Triton op with the reverse walk's sub-chunk length ``sub`` (``chunk.CONFIG["main_sub"]``).
+
+    Set at the forward: the backward that follows in the same step reads it.
+    """
+    from kernels.palimpsa import chunk
+
+    chunk.CONFIG["main_sub"] = sub
+    return palimpsa_attn(*x, backend="triton")[0]
 
 
 def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list], torch.Tensor]]]:
     """name -> (make inputs, forward returning the output)."""
     out = {
-        "palimpsa_triton": (
-            lambda: palimpsa_inputs(B, T, H, K, V),
-            lambda x: palimpsa_attn(*x, backend="triton")[0],
-        ),
+        name: (lambda: palimpsa_inputs(B, T, H, K, V), lambda x, sub=sub: _ours(x, sub))
+        for name, sub in SUBS.items()
     }
     if SHAPES[0][1] == (B, T, H, K, V):  # the torch form keeps per-token states of a chunk: one shape only
         out["palimpsa_torch_chunk"] = (
@@ -186,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
             rec |= measure(make, fwd, *reps)
             rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
-            if impl == "palimpsa_triton":  # where the time goes, per kernel
+            if impl in SUBS:  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
-                rec["kernel_ms"] = dict(per_kernel(shape)[:8])
+                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl])[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             torch.cuda.empty_cache()

@@ -17,8 +17,10 @@ from kernels.benchmarks.bench_palimpsa import SHAPES, palimpsa_inputs
 from kernels.palimpsa import chunk, palimpsa_attn
 
 
-def step_fn(shape):
-    """One fwd+bwd of the Triton op on fresh bf16 inputs."""
+def step_fn(shape, sub: int | None = None):
+    """One fwd+bwd of the Triton op on fresh bf16 inputs (``sub``: ``chunk.CONFIG["main_sub"]``)."""
+    if sub is not None:
+        chunk.CONFIG["main_sub"] = sub
     x = palimpsa_inputs(*shape)
     dy = torch.randn(*shape[:3], shape[4], device="cuda").to(torch.bfloat16)
 
@@ -30,8 +32,8 @@ def step_fn(shape):
     return step
 
 
-def per_kernel(shape) -> list[tuple[str, float]]:
-    step = step_fn(shape)
+def per_kernel(shape, sub: int | None = None) -> list[tuple[str, float]]:
+    step = step_fn(shape, sub)
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -59,7 +61,7 @@ def main(argv=None):
     if not args.sweep:
         return
     base = dict(chunk.CONFIG)
-    grid = {"main_bv": [32, 64], "main_warps": [4, 8], "out_bv": [16, 32, 64]}
+    grid = {"main_sub": [0, 4, 8], "main_bv": [16, 32, 64], "main_warps": [4, 8]}
     for name, shape in (SHAPES[0], SHAPES[2]):
         for vals in itertools.product(*grid.values()):
             chunk.CONFIG.update(base)

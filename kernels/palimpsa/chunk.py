@@ -225,6 +225,7 @@ def _main_bwd(
     dq, dk, du, db, dla, dip, cu, chunk_index, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DVAR: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+    SUB: tl.constexpr,
 ):  # fmt: skip
     iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_span(cu, chunk_index, ic, C)
@@ -253,15 +254,36 @@ def _main_bwd(
     # the Ip gradient sums every element of every token with both signs: fp64 across rows and tokens keeps
     # it at fp32 rounding of the rows instead of growing with the square root of T * V
     dip_acc = tl.sum(tl.zeros([C], dtype=tl.float64), axis=0)
+    bm, bi = sm, si  # SUB > 0: the state before the current sub-chunk
     for j in range(L):
         t = L - 1 - j
         tok = t0 + t
-        # forward state after token t, straight from the chunk's boundary state (one product each)
-        g_t = tl.sum(tl.where(tc == t, gc, 0.0), axis=0)
-        w = tl.where(tc <= t, tl.exp(g_t - gc), 0.0)
-        e_t = tl.exp(g_t)
-        m_t = sm * e_t + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
-        i_t = si * e_t + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+        if SUB == 0:
+            # forward state after token t, straight from the chunk's boundary state (one product each)
+            g_t = tl.sum(tl.where(tc == t, gc, 0.0), axis=0)
+            w = tl.where(tc <= t, tl.exp(g_t - gc), 0.0)
+            e_t = tl.exp(g_t)
+            m_t = sm * e_t + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
+            i_t = si * e_t + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+        else:
+            # one product per sub-chunk of SUB tokens gives the state before it; the sub-chunk's own
+            # tokens up to t are replayed elementwise from there, in registers
+            s0 = (t // SUB) * SUB
+            if (j == 0) | (t % SUB == SUB - 1):
+                g_b = tl.sum(tl.where(tc == s0 - 1, gc, 0.0), axis=0)
+                w = tl.where(tc < s0, tl.exp(g_b - gc), 0.0)
+                e_b = tl.exp(g_b)
+                bm = sm * e_b + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
+                bi = si * e_b + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+            m_t, i_t = bm, bi
+            for r in range(s0, t + 1):
+                rt = t0 + r
+                a_r = tl.exp(tl.load(la + rt * H + h).to(tl.float32))
+                k_r = tl.load(k + (rt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
+                u_r = tl.load(u + (rt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+                b_r = tl.load(beta + (rt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
+                m_t = a_r * m_t + u_r[:, None] * k_r[None, :]
+                i_t = a_r * i_t + b_r[:, None] * (k_r * k_r)[None, :]
         qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
         kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
         ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
@@ -321,6 +343,9 @@ CONFIG: dict[str, int] = {
     "local_warps": 4,
     "main_bv": 64,
     "main_warps": 8,
+    # 0: the reverse walk rebuilds each token's state by a product from the chunk's boundary state;
+    # S > 0: one product per S tokens, then an elementwise replay of at most S tokens
+    "main_sub": 0,
 }
 
 
@@ -433,7 +458,7 @@ def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dva
         q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
         layout.cu_seqlens, layout.chunk_index, scale,
         H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
-        num_warps=CONFIG["main_warps"],
+        SUB=CONFIG["main_sub"], num_warps=CONFIG["main_warps"],
     )  # fmt: skip
     return dq, dk, du, db, dla, dip.sum((0, 1))
 
