@@ -485,6 +485,7 @@ class Trainer:
             **metrics,
             "train_loss": train_loss,
             "wall_seconds": self.elapsed(),
+            "train_seconds": st.train_seconds,  # inside training steps only: no eval, no checkpoints
         }
         st.history.append(entry)
         logged = {k: v for k, v in entry.items() if k not in ("step", "epoch", "train_loss")}  # per-step keys

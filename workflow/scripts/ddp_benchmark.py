@@ -5,8 +5,9 @@
 
 Both runs go through ``python -m palimpsa train`` (tracking off, so only torch, triton, yaml and tqdm are
 needed), with the same config and global batch; the N-process run is the ``torchrun`` one. Prints, for
-each: overall tokens/s (compile and autotune included), steady tokens/s (between the first and last eval,
-eval time excluded), and how far the N-process losses are from the 1-process ones. Writes ``summary.json``.
+each: overall tokens/s (compile and autotune included), steady tokens/s (training steps between the first
+and the last eval, eval time excluded), and how far the N-process losses are from the 1-process ones.
+Writes ``summary.json``.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def run(nproc: int, cfg_path: Path, out: Path, args: argparse.Namespace) -> dict
 
 
 def steady_tokens_per_second(result: dict, tokens_per_step: int) -> float | None:
-    """Throughput between the first and the last eval: compile, autotune and start-up left out."""
+    """Throughput of the training steps between the first and the last eval: compilation and start-up
+    (before the first eval) and the evals themselves are left out."""
     h = result["history"]
     if len(h) < 2:
         return None
     steps = h[-1]["step"] - h[0]["step"]
-    seconds = h[-1]["wall_seconds"] - h[0]["wall_seconds"]
+    seconds = h[-1]["train_seconds"] - h[0]["train_seconds"]
     return steps * tokens_per_step / seconds if seconds > 0 else None
 
 
