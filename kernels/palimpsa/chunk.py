@@ -16,8 +16,9 @@ Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t,
      coming from later tokens (and the final state), and the gradient on the initial state.
   5. ``_main_bwd``: per (chunk, head, V block), walk the chunk backwards token by token, carrying
      ``dM_t, dIbar_t`` from ``E_c``. The forward state after token ``t`` comes straight from the chunk's
-     boundary state by one masked tensor-core product, ``e^{G_t} S + (u * w_t)^T @ k``, so no per-token
-     state is ever stored; then ``du, dbeta, dk, dq``, ``d log alpha`` and the ``Ip`` gradient.
+     boundary state by one masked tensor-core product, ``e^{G_t} S + (u * w_t)^T @ k`` (or, with
+     ``CONFIG["main_sub"] = S``, one product per ``S`` tokens and an elementwise replay in between), so no
+     per-token state is ever stored; then ``du, dbeta, dk, dq``, ``d log alpha`` and the ``Ip`` gradient.
 
 ``d log alpha_t = alpha_t <dS_t, S_{t-1}>`` is formed per token from the same on-chip states (no
 cumulative sums, so no cancellation across the sequence).
@@ -391,51 +392,47 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dvar, dTm, dTi):
-        return _backward(ctx, dy, dvar, dTm, dTi)
-
-
-def _backward(ctx, dy, dvar, dTm, dTi):
-    """Steps 3-4 (local pulls and the reverse scan over chunks), then step 5 for the per-token gradients."""
-    q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
-    scale, layout, C, use_init, output_final = ctx.meta
-    _, TT, H, K = q.shape
-    V = u.shape[-1]
-    N, NT = layout.num_seqs, layout.num_chunks
-    BK = max(16, next_pow2(K))
-    has_dvar = dvar is not None
-    dy = torch.zeros_like(u, dtype=q.dtype) if dy is None else dy.contiguous()
-    dvar = dvar.contiguous() if has_dvar else dy
-    has_dfinal = output_final and (dTm is not None or dTi is not None)
-    if has_dfinal:
-        dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
-        dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
-    # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
-    dhm = torch.empty_like(hm)
-    dhi = torch.empty_like(hi)
-    BVl = _bv(V, BK, CONFIG["local_bv"])
-    _local_bwd[(triton.cdiv(V, BVl), NT, H)](
-        q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
-        scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
-    )  # fmt: skip
-    # 4. reverse scan over chunks
-    d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
-    d0i = torch.empty_like(d0m)
-    BVs = min(max(next_pow2(V), 8), 32)
-    _scan_bwd[(triton.cdiv(V, BVs), N * H)](
-        log_alpha, dhm, dhi, dTm if has_dfinal else dhm, dTi if has_dfinal else dhi, d0m, d0i,
-        layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
-        HAS_DFINAL=has_dfinal, num_warps=4,
-    )  # fmt: skip
-    # 5. everything per token
-    dq, dk, du, db, dla, dip = _main_step(
-        q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C
-    )
-    dm0 = d0m if use_init else None
-    di0 = d0i if use_init else None
-    return (
-        dq.to(q.dtype), dk.to(k.dtype), du.to(u.dtype), db.to(beta.dtype), dla.to(log_alpha.dtype),
-        dip.to(ip.dtype), dm0, di0, None, None, None, None, None,
-    )  # fmt: skip
+        """Steps 3-4 (local pulls, reverse scan over chunks), then step 5 for the per-token gradients."""
+        q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
+        scale, layout, C, use_init, output_final = ctx.meta
+        _, TT, H, K = q.shape
+        V = u.shape[-1]
+        N, NT = layout.num_seqs, layout.num_chunks
+        BK = max(16, next_pow2(K))
+        has_dvar = dvar is not None
+        dy = torch.zeros_like(u, dtype=q.dtype) if dy is None else dy.contiguous()
+        dvar = dvar.contiguous() if has_dvar else dy
+        has_dfinal = output_final and (dTm is not None or dTi is not None)
+        if has_dfinal:
+            dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
+            dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
+        # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
+        dhm = torch.empty_like(hm)
+        dhi = torch.empty_like(hi)
+        BVl = _bv(V, BK, CONFIG["local_bv"])
+        _local_bwd[(triton.cdiv(V, BVl), NT, H)](
+            q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
+            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
+        )  # fmt: skip
+        # 4. reverse scan over chunks
+        d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
+        d0i = torch.empty_like(d0m)
+        BVs = min(max(next_pow2(V), 8), 32)
+        _scan_bwd[(triton.cdiv(V, BVs), N * H)](
+            log_alpha, dhm, dhi, dTm if has_dfinal else dhm, dTi if has_dfinal else dhi, d0m, d0i,
+            layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+            HAS_DFINAL=has_dfinal, num_warps=4,
+        )  # fmt: skip
+        # 5. everything per token
+        dq, dk, du, db, dla, dip = _main_step(
+            q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C
+        )
+        dm0 = d0m if use_init else None
+        di0 = d0i if use_init else None
+        return (
+            dq.to(q.dtype), dk.to(k.dtype), du.to(u.dtype), db.to(beta.dtype), dla.to(log_alpha.dtype),
+            dip.to(ip.dtype), dm0, di0, None, None, None, None, None,
+        )  # fmt: skip
 
 
 def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C):
