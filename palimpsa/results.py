@@ -20,6 +20,7 @@ import polars as pl
 import yaml
 
 from palimpsa.config import flatten
+from palimpsa.tracking import RESULT_TAG
 
 ID_COLUMNS = ("grid", "point", "label", "experiment", "run_dir", "status", "mlflow_run_id")
 
@@ -176,9 +177,13 @@ def build_tables(
             for key, value in tags.items():
                 if key.startswith("axis.") and key != "axis.variant":
                     row[key] = _scalar(_param_value(value))
+                elif key.startswith(RESULT_TAG) and key.removeprefix(RESULT_TAG) not in ID_COLUMNS:
+                    row[f"metric.{key.removeprefix(RESULT_TAG)}"] = value
             for key, value in run.data.params.items():
                 if key.startswith(CONFIG_ROOTS) and not key.startswith("tracking."):
                     row[f"cfg.{key}"] = _scalar(_param_value(value))
+                elif key.startswith("backend."):  # the implementation each layer ran, as in metrics.json
+                    row[f"metric.backends.{key.removeprefix('backend.')}"] = value
             for key, value in run.data.metrics.items():
                 row[f"metric.{key}"] = value
             rows.append(row)

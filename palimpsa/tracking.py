@@ -24,6 +24,7 @@ from palimpsa.config import ConfigError, TrackingConfig
 
 DEFAULT_URI = "sqlite:///results/mlflow.db"
 ARTIFACT_DIR = "mlartifacts"  # next to the SQLite file, never ./mlruns
+RESULT_TAG = "result."  # tag prefix of a finished run's text results (device, precision, stop reason, ...)
 _BATCH = 100  # MLflow's limit of params/tags per log_batch request
 _T = TypeVar("_T")
 

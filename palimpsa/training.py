@@ -40,6 +40,7 @@ from palimpsa.atomic import atomic_write
 from palimpsa.config import RunConfig, TrainConfig, config_to_dict, flatten
 from palimpsa.diagnostics import collect_diagnostics, summary
 from palimpsa.distributed import world_size_from_env
+from palimpsa.tracking import RESULT_TAG
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -756,6 +757,9 @@ def _train(
             _summary_metrics(result, evaluated_at_end=last_eval is None or last_eval["step"] != st.step),
             step=st.step,
         )
+        # the text results (device, precision, memory kind, stop reason) as tags: the store alone rebuilds
+        # the same results table as the run folders (palimpsa.results)
+        tracker.set_tags({f"{RESULT_TAG}{k}": v for k, v in result.items() if isinstance(v, str)})
         if not main:
             return result
         staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))

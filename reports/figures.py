@@ -654,7 +654,24 @@ def throughput_memory(prep: Prepared, tuning: Studies = None) -> FigureResult:
         + (f"; memory is {', '.join(str(k) for k in kinds if k)}" if kinds else "")
         + "."
     )
+    kernels = kernels_by_model(sel)
+    if kernels:  # a Triton kernel against a torch fallback is a comparison of implementations too
+        caption += f" Recurrence implementations: {kernels}."
     return _done(name, title, fig, caption, sel.height)
+
+
+def kernels_by_model(sel: pl.DataFrame) -> str:
+    """``model: backend, ...`` over every layer of every run (``backends.<layer>`` columns), or ``""``."""
+    cols = [c for c in sel.columns if c.startswith("backends.")]
+    if not cols or "model" not in sel.columns:
+        return ""
+    parts = []
+    for model in sorted(sel.get_column("model").unique().to_list()):
+        rows = sel.filter(pl.col("model") == model)
+        used = sorted({str(v) for c in cols for v in rows.get_column(c).drop_nulls().to_list()})
+        if used:
+            parts.append(f"{model}: {', '.join(used)}")
+    return "; ".join(parts)
 
 
 def throughput_ratio(prep: Prepared) -> pl.DataFrame:

@@ -349,6 +349,12 @@ def test_mlflow_store_and_exported_tables_give_the_same_report(tmp_path):
     assert shown == {f.name for f in from_tables.figures if f.has_data}
     assert {"quality_vs_scale", "learning_curves", "throughput_memory", "compute_matched"} <= shown
     assert [f.text for f in from_store.findings] == [f.text for f in from_tables.findings]
+    captions = [
+        next(f.caption for f in built.figures if f.name == "throughput_memory")
+        for built in (from_store, from_tables)
+    ]
+    assert captions[0] == captions[1] and "Recurrence implementations:" in captions[0], captions
+    assert "palimpsa:" in captions[0].split("Recurrence implementations:")[1], captions[0]
     assert any(f.section == "versus" for f in from_store.findings)
     bad = subprocess.run(
         [
