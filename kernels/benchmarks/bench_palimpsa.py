@@ -15,8 +15,9 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
-Our op runs with the reverse walk's three settings (``palimpsa_triton``: a product per token;
-``_sub4`` / ``_sub8``: a product per 4 or 8 tokens and an elementwise replay). Rows run in priority order
+Our op runs with three sub-chunk lengths of the backward's reverse walk (``chunk.CONFIG["main_sub"]``:
+one product per S tokens, those S tokens replayed elementwise and kept on chip): ``palimpsa_triton`` the
+default, ``_sub1`` and ``_sub4`` the neighbours. Rows run in priority order
 (ours and GDN on every shape first, then the other baselines);
 ``--budget-s`` stops starting new rows after that many seconds.
 
@@ -36,7 +37,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels.palimpsa import naive_chunk_palimpsa, palimpsa_attn
+from kernels.palimpsa import chunk, naive_chunk_palimpsa, palimpsa_attn
 
 SHAPES: list[tuple[str, tuple[int, int, int, int, int]]] = [
     ("design-1", (8, 2048, 16, 64, 64)),
@@ -46,6 +47,7 @@ SHAPES: list[tuple[str, tuple[int, int, int, int, int]]] = [
     ("paper-760M", (8, 2048, 12, 128, 128)),
 ]
 DEV = torch.device("cuda")
+DEFAULT_SUB = chunk.CONFIG["main_sub"]
 
 
 def _rand(*shape, dtype=torch.bfloat16, scale=1.0, offset=0.0):
@@ -79,18 +81,16 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-SUBS = {"palimpsa_triton": 0, "palimpsa_triton_sub4": 4, "palimpsa_triton_sub8": 8}
+SUBS = {"palimpsa_triton": None, "palimpsa_triton_sub1": 1, "palimpsa_triton_sub4": 4}  # None: the default
 PRIORITY = (*SUBS, "fla_gdn_chunk")
 
 
-def _ours(x: list, sub: int) -> torch.Tensor:
+def _ours(x: list, sub: int | None) -> torch.Tensor:
     """Our Triton op with the reverse walk's sub-chunk length ``sub`` (``chunk.CONFIG["main_sub"]``).
 
     Set at the forward: the backward that follows in the same step reads it.
     """
-    from kernels.palimpsa import chunk
-
-    chunk.CONFIG["main_sub"] = sub
+    chunk.CONFIG["main_sub"] = DEFAULT_SUB if sub is None else sub
     return palimpsa_attn(*x, backend="triton")[0]
 
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             if impl in SUBS:  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
-                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl])[:8])
+                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl] or DEFAULT_SUB)[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             torch.cuda.empty_cache()

@@ -61,7 +61,7 @@ def main(argv=None):
     if not args.sweep:
         return
     base = dict(chunk.CONFIG)
-    grid = {"main_sub": [0, 4, 8], "main_bv": [16, 32, 64], "main_warps": [4, 8]}
+    grid = {"main_sub": [1, 2, 4], "main_bv": [16, 32, 64], "main_warps": [4, 8]}
     for name, shape in (SHAPES[0], SHAPES[2]):
         for vals in itertools.product(*grid.values()):
             chunk.CONFIG.update(base)

@@ -14,14 +14,17 @@ Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t,
      start state.
   4. ``_scan_bwd``: a reverse scan over chunks gives ``E_c``, the gradient on the state after chunk ``c``
      coming from later tokens (and the final state), and the gradient on the initial state.
-  5. ``_main_bwd``: per (chunk, head, V block), walk the chunk backwards token by token, carrying
-     ``dM_t, dIbar_t`` from ``E_c``. The forward state after token ``t`` comes straight from the chunk's
-     boundary state by one masked tensor-core product, ``e^{G_t} S + (u * w_t)^T @ k`` (or, with
-     ``CONFIG["main_sub"] = S``, one product per ``S`` tokens and an elementwise replay in between), so no
-     per-token state is ever stored; then ``du, dbeta, dk, dq``, ``d log alpha`` and the ``Ip`` gradient.
+  5. ``_main_bwd``: per (chunk, head, V block), walk the chunk backwards in sub-chunks of
+     ``S = CONFIG["main_sub"]`` tokens, carrying ``dM_t, dIbar_t`` from ``E_c``. The state before each
+     sub-chunk comes straight from the chunk's boundary state by one masked tensor-core product,
+     ``e^{G} S + (u * w)^T @ k``; the sub-chunk's S tokens are replayed elementwise from it and their states
+     kept on chip (S register tiles), so no per-token state is ever stored. Then ``du, dbeta, dk, dq``,
+     ``d log alpha`` and the ``Ip`` gradient.
 
-``d log alpha_t = alpha_t <dS_t, S_{t-1}>`` is formed per token from the same on-chip states (no
-cumulative sums, so no cancellation across the sequence).
+Inside the walk, only ``dk`` and ``dq`` need a sum over the V rows of all warps per token (one joint
+reduction). ``d log alpha_t = alpha_t <dS_t, S_{t-1}>`` is formed per token from the same on-chip states (no
+cumulative sums, so no cancellation across the sequence) and left as per-row partials that one torch sum
+over V finishes; the ``Ip`` gradient accumulates elementwise and is reduced once per program.
 """
 
 from __future__ import annotations
@@ -223,10 +226,10 @@ def _scan_bwd(
 @triton.jit
 def _main_bwd(
     q, k, u, beta, la, ip, hm, hi, dhm, dhi, do, dvar,
-    dq, dk, du, db, dla, dip, cu, chunk_index, scale,
+    dq, dk, du, db, zla, dip, cu, chunk_index, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_DVAR: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
-    SUB: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, HAS_DVAR: tl.constexpr, ATOMIC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_span(cu, chunk_index, ic, C)
@@ -244,95 +247,93 @@ def _main_bwd(
     gi = tl.load(dhi + base + s_vk, mask=mvk, other=0.0)
     g_c = tl.load(la + (t0 + tc) * H + h, mask=mtc, other=0.0).to(tl.float32)
     gc = tl.cumsum(g_c, axis=0)
-    rows_kc = ((t0 + tc) * H + h)[:, None] * K + ok[None, :]
-    k_c = tl.load(k + rows_kc, mask=mtc[:, None] & mk[None, :], other=0.0).to(tl.float32)
-    kk_c = k_c * k_c
-    rows_vc = ((t0 + tc) * H + h)[:, None] * V + ov[None, :]
-    mcv = mtc[:, None] & mv[None, :]
-    u_c = tl.load(u + rows_vc, mask=mcv, other=0.0).to(tl.float32)
-    b_c = tl.load(beta + rows_vc, mask=mcv, other=0.0).to(tl.float32)
     a_next = 1.0  # alpha of the token after the current one, inside the chunk (E_c already carries it)
-    # the Ip gradient sums every element of every token with both signs: fp64 across rows and tokens keeps
-    # it at fp32 rounding of the rows instead of growing with the square root of T * V
-    dip_acc = tl.sum(tl.zeros([C], dtype=tl.float64), axis=0)
-    bm, bi = sm, si  # SUB > 0: the state before the current sub-chunk
-    for j in range(L):
-        t = L - 1 - j
-        tok = t0 + t
-        if SUB == 0:
-            # forward state after token t, straight from the chunk's boundary state (one product each)
-            g_t = tl.sum(tl.where(tc == t, gc, 0.0), axis=0)
-            w = tl.where(tc <= t, tl.exp(g_t - gc), 0.0)
-            e_t = tl.exp(g_t)
-            m_t = sm * e_t + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
-            i_t = si * e_t + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
-        else:
-            # one product per sub-chunk of SUB tokens gives the state before it; the sub-chunk's own
-            # tokens up to t are replayed elementwise from there, in registers
-            s0 = (t // SUB) * SUB
-            if (j == 0) | (t % SUB == SUB - 1):
-                g_b = tl.sum(tl.where(tc == s0 - 1, gc, 0.0), axis=0)
-                w = tl.where(tc < s0, tl.exp(g_b - gc), 0.0)
-                e_b = tl.exp(g_b)
-                bm = sm * e_b + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
-                bi = si * e_b + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
-            m_t, i_t = bm, bi
-            for r in range(s0, t + 1):
-                rt = t0 + r
-                a_r = tl.exp(tl.load(la + rt * H + h).to(tl.float32))
-                k_r = tl.load(k + (rt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-                u_r = tl.load(u + (rt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-                b_r = tl.load(beta + (rt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-                m_t = a_r * m_t + u_r[:, None] * k_r[None, :]
-                i_t = a_r * i_t + b_r[:, None] * (k_r * k_r)[None, :]
-        qt = tl.load(q + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        kt = tl.load(k + (tok * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
-        ut = tl.load(u + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        bt = tl.load(beta + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        sdo = scale * tl.load(do + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-        r = 1.0 / (i_t + p)
-        mu = m_t * r
-        d_m = sdo[:, None] * qt[None, :] * r
-        d_i = -d_m * mu
-        dq_t = tl.sum(sdo[:, None] * mu, axis=0)
-        if HAS_DVAR:
-            wv = scale * scale * tl.load(dvar + (tok * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
-            wr = wv[:, None] * r
-            d_i -= wr * r * (qt * qt)[None, :]
-            dq_t += 2.0 * qt * tl.sum(wr, axis=0)
-        dip_acc += tl.sum(tl.sum(d_i, axis=1).to(tl.float64), axis=0)
-        # d log alpha_{t+1} = alpha_{t+1} <dS_{t+1}, S_t> (this V block's share); token t+1 < L only
-        nxt_la = a_next * tl.sum(tl.sum(gm * m_t + gi * i_t, axis=1), axis=0)
-        one = (tc == 0) & (tc + t + 1 < L)  # a single active lane, and only inside the chunk
-        _put(dla + (tok + 1) * H + h + tc * 0, nxt_la + tl.zeros([C], dtype=tl.float32), one, ATOMIC)
-        # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}
-        gm = d_m + a_next * gm
-        gi = d_i + a_next * gi
-        a_next = tl.exp(tl.sum(tl.where(tc == t, g_c, 0.0), axis=0))
-        du_t = tl.sum(gm * kt[None, :], axis=1)
-        db_t = tl.sum(gi * (kt * kt)[None, :], axis=1)
-        dk_t = tl.sum(gm * ut[:, None], axis=0) + 2.0 * kt * tl.sum(gi * bt[:, None], axis=0)
-        tl.store(du + (tok * H + h) * V + ov, du_t.to(du.dtype.element_ty), mask=mv)
-        tl.store(db + (tok * H + h) * V + ov, db_t.to(db.dtype.element_ty), mask=mv)
-        if ATOMIC:
-            tl.atomic_add(dk + (tok * H + h) * K + ok, dk_t, mask=mk, sem="relaxed")
-            tl.atomic_add(dq + (tok * H + h) * K + ok, dq_t, mask=mk, sem="relaxed")
-        else:
-            tl.store(dk + (tok * H + h) * K + ok, dk_t.to(dk.dtype.element_ty), mask=mk)
-            tl.store(dq + (tok * H + h) * K + ok, dq_t.to(dq.dtype.element_ty), mask=mk)
+    dip_acc = tl.zeros([BV, BK], dtype=tl.float32)  # every token's direct pull on Ip, reduced once at the end
+    n_sub = tl.cdiv(L, SUB)
+    for jj in range(n_sub):
+        s0 = (n_sub - 1 - jj) * SUB
+        # the state before the sub-chunk, straight from the chunk's boundary state: one product each
+        g_b = tl.sum(tl.where(tc == s0 - 1, gc, 0.0), axis=0)
+        w = tl.exp(tl.where(tc < s0, g_b - gc, float("-inf")))  # 0 from s0 on, and never an overflow
+        e_b = tl.exp(g_b)
+        # the chunk's inputs are read again for each product (cache hits) rather than held in registers
+        k_c = tl.load(
+            k + ((t0 + tc) * H + h)[:, None] * K + ok[None, :], mask=mtc[:, None] & mk[None, :], other=0.0
+        ).to(tl.float32)
+        kk_c = k_c * k_c
+        rows_vc = ((t0 + tc) * H + h)[:, None] * V + ov[None, :]
+        u_c = tl.load(u + rows_vc, mask=mtc[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        b_c = tl.load(beta + rows_vc, mask=mtc[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        m_t = sm * e_b + tl.dot(tl.trans(u_c * w[:, None]), k_c, input_precision=PREC)
+        i_t = si * e_b + tl.dot(tl.trans(b_c * w[:, None]), kk_c, input_precision=PREC)
+        # replay the sub-chunk elementwise, keeping every token's state on chip (tokens past L leave it as is)
+        ms = ()
+        is_ = ()
+        for r in tl.static_range(SUB):
+            tok = t0 + s0 + r
+            ok_t = s0 + r < L
+            mkt = ok < tl.where(ok_t, K, 0)  # (a scalar condition folded into the bound, not and-ed on)
+            mvt = ov < tl.where(ok_t, V, 0)
+            a_r = tl.exp(tl.load(la + tok * H + h, mask=ok_t, other=0.0).to(tl.float32))
+            k_r = tl.load(k + (tok * H + h) * K + ok, mask=mkt, other=0.0).to(tl.float32)
+            u_r = tl.load(u + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+            b_r = tl.load(beta + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+            m_t = a_r * m_t + u_r[:, None] * k_r[None, :]
+            i_t = a_r * i_t + b_r[:, None] * (k_r * k_r)[None, :]
+            ms = ms + (m_t,)
+            is_ = is_ + (i_t,)
+        # walk the sub-chunk backwards
+        for rr in tl.static_range(SUB):
+            r = SUB - 1 - rr
+            tok = t0 + s0 + r
+            ok_t = s0 + r < L
+            m_t = ms[SUB - 1 - rr]  # indexed by the constant expression itself: a named index is a tensor
+            i_t = is_[SUB - 1 - rr]
+            mkt = ok < tl.where(ok_t, K, 0)
+            mvt = ov < tl.where(ok_t, V, 0)
+            qt = tl.load(q + (tok * H + h) * K + ok, mask=mkt, other=0.0).to(tl.float32)
+            kt = tl.load(k + (tok * H + h) * K + ok, mask=mkt, other=0.0).to(tl.float32)
+            ut = tl.load(u + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+            bt = tl.load(beta + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+            sdo = scale * tl.load(do + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+            la_t = tl.load(la + tok * H + h, mask=ok_t, other=0.0).to(tl.float32)
+            rcp = 1.0 / (i_t + p)
+            mu = m_t * rcp
+            d_m = sdo[:, None] * qt[None, :] * rcp
+            d_i = -d_m * mu
+            x_q = sdo[:, None] * mu
+            if HAS_DVAR:
+                wv = tl.load(dvar + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
+                wr = (scale * scale * wv)[:, None] * rcp
+                d_i -= wr * rcp * (qt * qt)[None, :]
+                x_q += 2.0 * qt[None, :] * wr
+            dip_acc += d_i
+            # d log alpha_{t+1} = alpha_{t+1} <dS_{t+1}, S_t>, this block's rows; summed over V on the host
+            z_t = a_next * tl.sum(gm * m_t + gi * i_t, axis=1)
+            tl.store(zla + ((tok + 1) * H + h) * V + ov, z_t, mask=ov < tl.where(s0 + r + 1 < L, V, 0))
+            # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}
+            gm = d_m + a_next * gm
+            gi = d_i + a_next * gi
+            a_next = tl.exp(la_t)
+            du_t = tl.sum(gm * kt[None, :], axis=1)
+            db_t = tl.sum(gi * (kt * kt)[None, :], axis=1)
+            tl.store(du + (tok * H + h) * V + ov, du_t.to(du.dtype.element_ty), mask=mvt)
+            tl.store(db + (tok * H + h) * V + ov, db_t.to(db.dtype.element_ty), mask=mvt)
+            # dk and dq both sum over V: one joint reduction
+            x_k = gm * ut[:, None] + gi * (2.0 * bt)[:, None] * kt[None, :]
+            dk_t, dq_t = tl.split(tl.sum(tl.join(x_k, x_q), axis=0))
+            if ATOMIC:
+                tl.atomic_add(dk + (tok * H + h) * K + ok, dk_t, mask=mkt, sem="relaxed")
+                tl.atomic_add(dq + (tok * H + h) * K + ok, dq_t, mask=mkt, sem="relaxed")
+            else:
+                tl.store(dk + (tok * H + h) * K + ok, dk_t.to(dk.dtype.element_ty), mask=mkt)
+                tl.store(dq + (tok * H + h) * K + ok, dq_t.to(dq.dtype.element_ty), mask=mkt)
     # the chunk's first token reads the boundary state
-    first_la = a_next * tl.sum(tl.sum(gm * sm + gi * si, axis=1), axis=0)
-    _put(dla + t0 * H + h + tc * 0, first_la + tl.zeros([C], dtype=tl.float32), tc == 0, ATOMIC)
-    tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, dip_acc)
-
-
-@triton.jit
-def _put(ptr, val, mask, ATOMIC: tl.constexpr):
-    """Store, or add when several programs (V blocks) own shares of the same value."""
-    if ATOMIC:
-        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptr, val, mask=mask)
+    z_0 = a_next * tl.sum(gm * sm + gi * si, axis=1)
+    tl.store(zla + (t0 * H + h) * V + ov, z_0, mask=mv)
+    # fp64 across rows and tokens keeps the Ip gradient at fp32 rounding of the elements
+    dip_t = tl.sum(tl.sum(dip_acc.to(tl.float64), axis=1), axis=0)
+    tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, dip_t)
 
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
@@ -344,9 +345,9 @@ CONFIG: dict[str, int] = {
     "local_warps": 4,
     "main_bv": 64,
     "main_warps": 8,
-    # 0: the reverse walk rebuilds each token's state by a product from the chunk's boundary state;
-    # S > 0: one product per S tokens, then an elementwise replay of at most S tokens
-    "main_sub": 0,
+    # the reverse walk rebuilds the state before every S tokens by a product from the chunk's boundary state,
+    # replays those S tokens elementwise and keeps their states on chip (S register tiles of M and Ibar)
+    "main_sub": 2,
 }
 
 
@@ -436,28 +437,31 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
 
 
 def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dvar, scale, layout, C):
-    """Step 5: walk each chunk backwards token by token."""
+    """Step 5: walk each chunk backwards, ``CONFIG["main_sub"]`` tokens per product."""
+    if CONFIG["main_sub"] < 1:
+        raise ValueError(f"CONFIG['main_sub'] is the sub-chunk length, at least 1; got {CONFIG['main_sub']}")
     _, TT, H, K = q.shape
     V = u.shape[-1]
     NT = layout.num_chunks
     BK = max(16, next_pow2(K))
     BVm = _bv(V, BK, CONFIG["main_bv"], floor=16)
     NVm = triton.cdiv(V, BVm)
-    atomic = NVm > 1  # dk, dq and d log alpha sum over V blocks
+    atomic = NVm > 1  # dk and dq sum over V blocks
     # gradients written once go straight into the inputs' dtypes; shared ones accumulate in fp32
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
     dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
     du = torch.empty_like(u)
     db = torch.empty_like(beta)
-    dla = (torch.zeros if atomic else torch.empty)(log_alpha.shape, device=q.device, dtype=torch.float32)
+    # d log alpha per token and value row (every slot written once); the sum over V is one torch reduction
+    zla = torch.empty(u.shape, device=q.device, dtype=torch.float32)
     dip = q.new_empty(NVm, NT, H, dtype=torch.float64)
     _main_bwd[(NVm, NT, H)](
-        q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, dla, dip,
+        q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, zla, dip,
         layout.cu_seqlens, layout.chunk_index, scale,
-        H=H, K=K, V=V, C=C, BK=BK, BV=BVm, HAS_DVAR=has_dvar, ATOMIC=atomic, PREC=dot_precision(q.dtype),
-        SUB=CONFIG["main_sub"], num_warps=CONFIG["main_warps"],
+        H=H, K=K, V=V, C=C, BK=BK, BV=BVm, SUB=CONFIG["main_sub"], HAS_DVAR=has_dvar, ATOMIC=atomic,
+        PREC=dot_precision(q.dtype), num_warps=CONFIG["main_warps"],
     )  # fmt: skip
-    return dq, dk, du, db, dla, dip.sum((0, 1))
+    return dq, dk, du, db, zla.sum(-1), dip.sum((0, 1))
 
 
 def chunk_palimpsa(
