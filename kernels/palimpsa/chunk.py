@@ -309,14 +309,18 @@ def _main_bwd(
                 x_q += 2.0 * qt[None, :] * wr
             dip_acc += d_i
             # d log alpha_{t+1} = alpha_{t+1} <dS_{t+1}, S_t>, this block's rows; summed over V on the host
-            z_t = a_next * tl.sum(gm * m_t + gi * i_t, axis=1)
-            tl.store(zla + ((tok + 1) * H + h) * V + ov, z_t, mask=ov < tl.where(s0 + r + 1 < L, V, 0))
+            x_z = a_next * (gm * m_t + gi * i_t)
             # reverse recurrence dS_t = D_t + alpha_{t+1} dS_{t+1}
             gm = d_m + a_next * gm
             gi = d_i + a_next * gi
             a_next = tl.exp(la_t)
-            du_t = tl.sum(gm * kt[None, :], axis=1)
-            db_t = tl.sum(gi * (kt * kt)[None, :], axis=1)
+            # du, dbeta and the d log alpha rows all sum over K: one joint reduction
+            x_u = gm * kt[None, :]
+            x_b = gi * (kt * kt)[None, :]
+            zu, bz = tl.split(tl.sum(tl.join(tl.join(x_z, x_u), tl.join(x_b, tl.zeros_like(x_b))), axis=1))
+            z_t, du_t = tl.split(zu)
+            db_t, _ = tl.split(bz)
+            tl.store(zla + ((tok + 1) * H + h) * V + ov, z_t, mask=ov < tl.where(s0 + r + 1 < L, V, 0))
             tl.store(du + (tok * H + h) * V + ov, du_t.to(du.dtype.element_ty), mask=mvt)
             tl.store(db + (tok * H + h) * V + ov, db_t.to(db.dtype.element_ty), mask=mvt)
             # dk and dq both sum over V: one joint reduction
