@@ -88,6 +88,7 @@ def _triton(chunk_size):
         ((1, 40, 1, 48, 20), 32),  # K = 48 (not a power of two)
         ((1, 30, 1, 3, 80), 16),  # V = 80 > one V block: dk, dq, d log alpha summed over V blocks
         ((1, 18, 1, 130, 7), 16),  # K = 130 > 128
+        ((1, 150, 1, 64, 64), 64),  # the default chunk at the benchmark's head size: full-size tiles
     ],
 )
 def test_outputs_and_all_gradients_match_float64(shape, chunk_size):
