@@ -81,16 +81,16 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-SUBS = {"palimpsa_triton": None, "palimpsa_triton_sub1": 1, "palimpsa_triton_sub4": 4}  # None: the default
+SUBS = {"palimpsa_triton": DEFAULT_SUB, "palimpsa_triton_sub1": 1, "palimpsa_triton_sub4": 4}
 PRIORITY = (*SUBS, "fla_gdn_chunk")
 
 
-def _ours(x: list, sub: int | None) -> torch.Tensor:
+def _ours(x: list, sub: int) -> torch.Tensor:
     """Our Triton op with the reverse walk's sub-chunk length ``sub`` (``chunk.CONFIG["main_sub"]``).
 
     Set at the forward: the backward that follows in the same step reads it.
     """
-    chunk.CONFIG["main_sub"] = DEFAULT_SUB if sub is None else sub
+    chunk.CONFIG["main_sub"] = sub
     return palimpsa_attn(*x, backend="triton")[0]
 
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             if impl in SUBS:  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
-                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl] or DEFAULT_SUB)[:8])
+                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl])[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             torch.cuda.empty_cache()
