@@ -1,6 +1,6 @@
 """Where the time goes: per-kernel GPU time of one Palimpsa fwd+bwd, and a sweep of launch shapes.
 
-    python -m kernels.benchmarks.profile_palimpsa [--sweep]
+    python -m kernels.benchmarks.profile_palimpsa [--sweep [--sub 1 2 4] [--bv 16 32 64] [--warps 4 8]]
 
 Per-kernel times come from the torch profiler (CUDA activity), summed over 5 steps and divided by 5.
 """
@@ -51,8 +51,12 @@ def per_kernel(shape, sub: int | None = None) -> list[tuple[str, float]]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sub", type=int, nargs="+", default=[1, 2, 4], help="sweep: sub-chunk lengths")
+    ap.add_argument("--bv", type=int, nargs="+", default=[16, 32, 64], help="sweep: V blocks of the walk")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="sweep: warps of the walk")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
     args = ap.parse_args(argv)
-    for name, shape in SHAPES[:3]:
+    for name, shape in [] if args.no_profile else SHAPES[:3]:
         rows = per_kernel(shape)
         total = sum(t for _, t in rows)
         print(f"\n{name} {shape}: sum of kernel times {total:.3f} ms")
@@ -61,7 +65,7 @@ def main(argv=None):
     if not args.sweep:
         return
     base = dict(chunk.CONFIG)
-    grid = {"main_sub": [1, 2, 4], "main_bv": [16, 32, 64], "main_warps": [4, 8]}
+    grid = {"main_sub": args.sub, "main_bv": args.bv, "main_warps": args.warps}
     for name, shape in (SHAPES[0], SHAPES[2]):
         for vals in itertools.product(*grid.values()):
             chunk.CONFIG.update(base)
