@@ -17,7 +17,7 @@ nothing here uses those gradients, and training must never do this.
 
 Our op runs with three sub-chunk lengths of the backward's reverse walk (``chunk.CONFIG["main_sub"]``:
 one product per S tokens, those S tokens replayed elementwise and kept on chip): ``palimpsa_triton`` the
-default, ``_sub1`` and ``_sub4`` the neighbours. Rows run in priority order
+default (4), ``_sub2`` and ``_sub8`` the neighbours. Rows run in priority order
 (ours and GDN on every shape first, then the other baselines);
 ``--budget-s`` stops starting new rows after that many seconds.
 
@@ -81,7 +81,7 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-SUBS = {"palimpsa_triton": DEFAULT_SUB, "palimpsa_triton_sub1": 1, "palimpsa_triton_sub4": 4}
+SUBS = {"palimpsa_triton": DEFAULT_SUB, "palimpsa_triton_sub2": 2, "palimpsa_triton_sub8": 8}
 PRIORITY = (*SUBS, "fla_gdn_chunk")
 
 

@@ -358,8 +358,9 @@ CONFIG: dict[str, int] = {
     "main_bv": 64,
     "main_warps": 8,
     # the reverse walk rebuilds the state before every S tokens by a product from the chunk's boundary state,
-    # replays those S tokens elementwise and keeps their states on chip (S register tiles of M and Ibar)
-    "main_sub": 2,
+    # replays those S tokens elementwise and keeps their states on chip (S register tiles of M and Ibar);
+    # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
+    "main_sub": 4,
 }
 
 
