@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             if impl in SUBS:  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
+                rec["main_sub"] = SUBS[impl]
                 rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl])[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"

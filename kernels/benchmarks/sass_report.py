@@ -5,7 +5,7 @@
 Each Triton kernel of the chunked op is compiled for the target (``sm_90`` = H100/H200) with the launch
 constants the op would use for bf16 inputs at that shape, then read back with the ``cuobjdump`` that
 Triton ships. Compilation needs no device, so launch shapes can be compared before a GPU is at hand:
-spills (``LOCAL`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what make a
+spills (``stack`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what make a
 recurrence latency-bound, and ``HGMMA`` marks the tensor-core products. Static counts, not timings: a loop
 body counts once however often it runs (the reverse walk's body holds ``main_sub`` unrolled tokens).
 """
