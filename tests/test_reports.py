@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from html import escape as html_escape
 from pathlib import Path
 
 import polars as pl
@@ -184,10 +185,9 @@ def recompute(number: dict, numbers: dict, raw: pl.DataFrame, curves: pl.DataFra
     return value
 
 
-def test_every_number_in_the_findings_matches_the_tables(report, raw):
-    curves = pl.read_parquet(CURVES)
-    findings = json.loads((report.out.parent / "findings.json").read_text())
-    assert findings and findings == [f.to_dict() for f in report.findings]
+def check_findings(findings: list[dict], raw: pl.DataFrame, curves: pl.DataFrame, html: str) -> None:
+    """Every number of every finding recomputed from the tables, and every sentence in the HTML."""
+    assert findings
     numbers = {n["name"]: n for f in findings for n in f["numbers"]}
     cache: dict[str, float] = {}
     kinds = {"diff": "signed", "ratio": "ratio", "corr": "corr", "count": "count"}
@@ -210,9 +210,25 @@ def test_every_number_in_the_findings_matches_the_tables(report, raw):
         assert printed, f["text"]
         for token in printed:
             assert token in allowed, (token, f["text"])
-    html = report.out.read_text()
     for f in findings:
-        assert f["text"].replace("'", "&#x27;") in html
+        assert html_escape(f["text"]) in html
+
+
+def test_every_number_in_the_findings_matches_the_tables(report, raw):
+    findings = json.loads((report.out.parent / "findings.json").read_text())
+    assert findings == [f.to_dict() for f in report.findings]
+    check_findings(findings, raw, pl.read_parquet(CURVES), report.out.read_text())
+
+
+def test_committed_gpu_example_matches_its_tables():
+    """reports/examples/scale-gpu: the committed report's findings against the tables exported beside it."""
+    example = Path(__file__).parents[1] / "reports" / "examples" / "scale-gpu"
+    raw = pl.read_parquet(example / "runs.parquet")
+    assert raw.height >= 18 and set(raw.get_column("metric.device")) == {"cuda"}
+    curves = pl.read_parquet(example / "curves.parquet")  # long, as exported from MLflow: one row per value
+    curves = curves.pivot(on="key", index=["run_id", "step"], values="value")
+    findings = json.loads((example / "findings.json").read_text())
+    check_findings(findings, raw, curves, (example / "index.html").read_text())
 
 
 def test_findings_state_the_scale_trend(report):

@@ -65,6 +65,20 @@ def test_gpu_and_slurm_profiles_give_training_jobs_a_gpu() -> None:
         assert "gpu_slot.py --gpus 1 --" in out, "training jobs take a GPU slot through the launcher"
 
 
+def test_gpu_example_command_plans_its_eighteen_runs() -> None:
+    """The scale-gpu example's snakemake command: 3 widths x 3 mixers x 2 seeds, nothing else."""
+    proc = snakemake(
+        "-n", "-F", "--nolock", "--quiet", "rules", "--until", "train",
+        "--profile", "workflow/profiles/gpu",
+        "--configfile", "workflow/profiles/gpu/workflow.yaml", "reports/examples/scale-gpu/workflow.yaml",
+        "--resources", "gpu=18", "--cores", "20", "--set-threads", "train=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == counts["point_config"] == 18, counts
+    assert "collect" not in counts and "report" not in counts and "tune_worker" not in counts, counts
+
+
 def test_bad_workflow_config_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"tuning": {"studies": [], "workers": 0}}))
