@@ -79,6 +79,20 @@ def test_gpu_example_command_plans_its_eighteen_runs() -> None:
     assert "collect" not in counts and "report" not in counts and "tune_worker" not in counts, counts
 
 
+def test_gpu_example_config_gives_the_committed_runs() -> None:
+    """Rerunning the example's config trains exactly the points its committed report was built from."""
+    import polars as pl
+
+    from palimpsa.grid import load_grid
+
+    example = ROOT / "reports" / "examples" / "scale-gpu"
+    overrides = yaml.safe_load((example / "workflow.yaml").read_text())["run_overrides"]
+    grid = load_grid(example / "scale-depth2.yaml", extra=overrides)
+    committed = pl.read_parquet(example / "runs.parquet")
+    assert set(committed.get_column("grid")) == {grid.name}
+    assert sorted(committed.get_column("point")) == sorted(p.point_id for p in grid.points)
+
+
 def test_bad_workflow_config_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"tuning": {"studies": [], "workers": 0}}))
