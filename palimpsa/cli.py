@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("palimpsa.cli:eval_command", "evaluate a checkpoint on its task's validation set"),
     "tune": ("palimpsa.tuning:cli_command", "run an Optuna study over a YAML search space"),
     "grid": ("palimpsa.grid:cli_command", "validate ablation grids and list their points"),
+    "config": ("palimpsa.cli:config_command", "print a run config fully resolved (every default filled in)"),
+    "results": ("palimpsa.results:cli_command", "tables of a results table: every seed, best lr per seed"),
 }
 
 # Exceptions that are the user's to fix: "module:Class", resolved only when an error is being reported.
@@ -71,14 +73,7 @@ def _one_line(err: BaseException) -> str:
 def train_command(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("config", type=Path, help="run config (YAML)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, metrics.json, ...")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-3 (repeatable)",
-    )
+    _add_overrides(parser, "the config")
     parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     parser.add_argument("--data-dir", type=Path, default=None, help="cache folder for generated task data")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -100,17 +95,35 @@ def train_command(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
-def convert_command(parser: argparse.ArgumentParser) -> Runner:
-    parser.add_argument("src", type=Path, help="checkpoint of a gated model (e.g. mamba2)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the converted checkpoint")
+def _add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a key of the converted config (repeatable)",
+        help=f"override a key of {what}, e.g. --set train.lr=3e-3 (repeatable)",
     )
+
+
+def config_command(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("config", type=Path, help="run config (YAML)")
+    _add_overrides(parser, "the config")
+
+    def run(args: argparse.Namespace) -> int:
+        from palimpsa.config import config_to_dict, load_config
+        from palimpsa.io import dump_yaml
+
+        print(dump_yaml(config_to_dict(load_config(args.config, args.overrides))), end="")
+        return 0
+
+    return run
+
+
+def convert_command(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("src", type=Path, help="checkpoint of a gated model (e.g. mamba2)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the converted checkpoint")
+    _add_overrides(parser, "the converted config")
 
     def run(args: argparse.Namespace) -> int:
         from palimpsa.conversion import convert_checkpoint

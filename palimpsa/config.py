@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from palimpsa.io import YamlFileError, dump_yaml, read_yaml, yaml_load
 
 MIXER_KINDS = (
     "palimpsa",
@@ -75,6 +74,11 @@ class MixerConfig:
     dt_min: float = 1e-3  # official / Mamba2 gates: dt at init ~ logU(dt_min, dt_max)
     dt_max: float = 1e-1
     output_variance: bool = False
+    # Forgetting init of the A / dt gates: "random" draws A_h ~ U(a_init_min, a_init_max) and
+    # dt ~ logU(dt_min, dt_max) per head; the ramps are deterministic per head h = 0..H-1:
+    # dt_h = exp((1 - h/(H-1)) * (ln dt_max - ln dt_min) + ln dt_min) and A_h = linspace(a, b, H) with
+    # (a, b) = (0.01, 0.16) "small", (0.001, 0.016) "very_small", (1, 16) "normal".
+    forgetting: Literal["random", "small", "very_small", "normal"] = "random"
     # Set by metaplastic conversion: beta carries a per-head gain |g_h| initialised to 0, so a converted
     # model starts exactly equal to its source (beta == 0, I_t == Ip) while d loss / d g_h != 0.
     plasticity_gain: bool = False
@@ -84,6 +88,12 @@ class MixerConfig:
     # normalized; with unit keys its un-normalized read-out starts ~100x below the D skip and MQAR stalls)
     # and "l2" for every other kind
     qk_norm: Literal["auto", "l2", "none"] = "auto"
+    scale: float | None = None  # read-out scale; None: head_k_dim ** -0.5 (Mamba2 reads out with 1)
+    # Output normalisation: "head" = RMSNorm over each head's V channels times SiLU(gate) (fla's gated norm);
+    # "full" = RMSNorm over all H * V channels of o * SiLU(gate) (Mamba2's norm, gate applied first).
+    output_norm: Literal["head", "full"] = "head"
+    bias: bool = False  # biases on the shell's projections (q, k, v, gate, dt and output): Mamba2's use_bias
+    d_skip: bool = True  # the o + D_h * v skip (Gated DeltaNet has none)
     backend: Literal["auto", "reference", "triton", "fla"] = "auto"
 
     def __post_init__(self) -> None:
@@ -97,6 +107,7 @@ class MixerConfig:
         _check(0 < self.a_init_min <= self.a_init_max, "a_init_min", "need 0 < a_init_min <= a_init_max")
         _check(0 < self.dt_min <= self.dt_max, "dt_min", "need 0 < dt_min <= dt_max")
         _check(self.conv_size >= 0, "conv_size", f"must be >= 0, got {self.conv_size}")
+        _check(self.scale is None or self.scale > 0, "scale", f"must be > 0, got {self.scale}")
         if self.kind == "attention":
             _check(self.head_k_dim % 2 == 0, "head_k_dim", "must be even for rotary embeddings (attention)")
         if self.kind in ("palimpsa", "metamamba2"):
@@ -121,20 +132,26 @@ class MixerConfig:
 
 @dataclass
 class ModelConfig:
-    """Causal LM of pre-norm blocks (mixer + SwiGLU MLP) with tied embeddings."""
+    """Causal LM of pre-norm blocks (mixer + SwiGLU MLP, or the mixer alone) with tied embeddings."""
 
     d_model: int = 64
     n_layers: int = 2
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * d_model; 0: blocks without an MLP
     init_std: float = 0.02
+    # "default": embeddings and projections N(0, init_std), residual output projections scaled by
+    # 1/sqrt(2 n_layers), convs and gates keep their own init. "official": every Linear, conv and embedding
+    # N(0, init_std), biases 0, no residual scaling, the precision gate's up-projection U(-r^-1/2, r^-1/2).
+    init: Literal["default", "official"] = "default"
     norm_eps: float = 1e-5
+    final_norm: Literal["rms", "layer"] = "rms"  # the norm before the output head
+    tie_embeddings: bool = True  # output head = embedding matrix
     vocab_size: int | None = None  # None: taken from the task
     mixer: MixerConfig = field(default_factory=MixerConfig)
 
     def __post_init__(self) -> None:
         _check(self.d_model >= 1, "d_model", f"must be >= 1, got {self.d_model}")
         _check(self.n_layers >= 1, "n_layers", f"must be >= 1, got {self.n_layers}")
-        _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        _check(self.mlp_ratio >= 0, "mlp_ratio", f"must be >= 0 (0: no MLP), got {self.mlp_ratio}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
 
 
@@ -144,7 +161,13 @@ class TrainConfig:
 
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1  # never applied to gates, biases, norms, embeddings
+    # "warmup_cosine": linear warmup, then a cosine per step over the run; "epoch_cosine": a cosine over the
+    # epochs, held constant within an epoch and stepped once per epoch (PyTorch's CosineAnnealingLR per epoch)
+    schedule: Literal["warmup_cosine", "epoch_cosine"] = "warmup_cosine"
+    weight_decay: float = 0.1
+    # "matrices": decay only projection matrices, never 1-D params, gates, norms or embeddings; "all": every
+    # parameter (what a plain AdamW(model.parameters()) does)
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 50
@@ -154,11 +177,13 @@ class TrainConfig:
     eval_every: int | None = None  # steps between evals; None: once per epoch
     patience: int | None = None  # evals without improvement before stopping
     target: float | None = None  # stop once the validation metric reaches this
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping (the norm is still logged)
     checkpoint_every: int = 200  # steps; the last checkpoint always lands at the end
     log_every: int = 10  # steps between logged train metrics (loss, lr, grad norm, throughput)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast with fp32 weights; pure_bf16: the whole model
+    # (weights, gradients, optimizer state) in bf16, recurrent states still fp32 inside the ops
+    precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = "auto"
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
 
     def __post_init__(self) -> None:
@@ -171,7 +196,7 @@ class TrainConfig:
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1")
         _check(self.patience is None or self.patience >= 1, "patience", "must be >= 1")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
 
@@ -201,29 +226,6 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML the way every config file of the project is read (``1e-3`` is a float)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -348,11 +350,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a run config from YAML, apply ``--set`` overrides, validate."""
     path = Path(path)
     try:
-        data = yaml_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("", "file not found", path) from None
-    except yaml.YAMLError as err:
-        raise ConfigError("", f"malformed YAML: {err}".replace("\n", " "), path) from None
+        data = read_yaml(path)
+    except YamlFileError as err:
+        raise ConfigError("", err.message, path) from None
     data = {} if data is None else data
     if isinstance(data, dict):
         for assignment in overrides:
@@ -377,4 +377,4 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_yaml(config_to_dict(cfg)))

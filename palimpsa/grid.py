@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from palimpsa.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from palimpsa.io import YamlFileError, read_yaml
 
 GRID_KEYS = (
     "description",
@@ -84,6 +85,7 @@ AXIS_LABELS = {
     "model.mixer.beta_rank": "rank",
     "model.mixer.b_scale_init": "bscale",
     "train.lr": "lr",
+    "train.batch_size": "b",
     "seed": "s",
 }
 
@@ -177,11 +179,9 @@ def read_overrides(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of dotted overrides (a study's best.yaml); nested mappings are flattened."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GridError("", "overrides file not found", path) from None
-    except yaml.YAMLError as err:
-        raise GridError("", f"malformed YAML: {err}".replace("\n", " "), path) from None
+        data = read_yaml(path, "overrides file")
+    except YamlFileError as err:
+        raise GridError("", err.message, path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -212,11 +212,9 @@ class _KeyFailure(Exception):
 
 def _read_yaml(path: Path, what: str = "grid") -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GridError("", f"{what} file not found", path) from None
-    except yaml.YAMLError as err:
-        raise GridError("", f"malformed YAML: {err}".replace("\n", " "), path) from None
+        data = read_yaml(path, f"{what} file")
+    except YamlFileError as err:
+        raise GridError("", err.message, path) from None
     if not isinstance(data, dict):
         raise GridError("", f"a {what} must be a YAML mapping", path)
     return data
@@ -235,7 +233,7 @@ def schema_errors(data: Any, schema_name: str) -> list[tuple[str, str]]:
         return []
     import jsonschema  # only the workflow side needs it
 
-    schema = yaml.safe_load(schema_path.read_text())
+    schema = read_yaml(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(
         validator.iter_errors(data), key=lambda e: (len(e.absolute_path), str(list(e.absolute_path)))

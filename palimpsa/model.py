@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from palimpsa.atomic import atomic_torch_save
 from palimpsa.config import ConfigError, ModelConfig, RunConfig, config_from_dict, config_to_dict
 from palimpsa.layers import build_mixer
-from palimpsa.layers.common import Cache, RMSNorm
+from palimpsa.layers.common import Cache, RMSNorm, ShortConv
 
 # A synapse counts as consolidated once its precision is at least twice the prior: its effective learning
 # rate 1/I has halved relative to a fresh synapse, i.e. the evidence it has seen outweighs the prior.
@@ -54,17 +54,23 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: ``h + mixer(norm(h))``, then ``h + mlp(norm(h))`` (none if mlp_ratio is 0)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(cfg.mixer, cfg.d_model, layer_idx, cfg.norm_eps)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
+        self.mlp: SwiGLU | None = None
+        if cfg.mlp_ratio > 0:
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
 
     def forward(self, h: Tensor, cache: Cache | None = None, use_cache: bool = False):
         m, cache = self.mixer(self.mixer_norm(h), cache, use_cache)
         h = h + m
-        return h + self.mlp(self.mlp_norm(h)), cache
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h, cache
 
 
 class PalimpsaLM(nn.Module):
@@ -77,13 +83,21 @@ class PalimpsaLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self._init_weights()
+        if cfg.final_norm == "layer":
+            self.final_norm: nn.Module = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        else:
+            self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.init == "official":
+            self._init_official()
+        else:
+            self._init_default()
 
-    def _init_weights(self) -> None:
+    def _init_default(self) -> None:
         """N(0, init_std) for embeddings and projections (small embeddings speed up MQAR's jump).
 
-        Residual output projections get ``1/sqrt(2 n_layers)`` of that; gate parameters keep their own init.
+        Residual output projections get ``1/sqrt(2 n_layers)`` of that; convs and gate parameters keep
+        their own init.
         """
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, 0.0, std)
@@ -96,13 +110,30 @@ class PalimpsaLM(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def _init_official(self) -> None:
+        """The published MQAR init: every Linear, conv and embedding N(0, init_std), biases 0, no residual
+        scaling; the precision gate's up-projection ``U(-r^-1/2, r^-1/2)`` (PyTorch's default for a Linear of
+        fan-in ``r``), re-drawn here after the normal init."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, ShortConv)):
+                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            up = getattr(block.mixer, "beta_up", None)
+            if up is not None:
+                bound = up.in_features**-0.5
+                nn.init.uniform_(up.weight, -bound, bound)
+
     def forward(self, input_ids: Tensor, state: list[Cache] | None = None, return_state: bool = False):
         h = self.embed(input_ids)
         new_state = []
         for i, block in enumerate(self.blocks):
             h, cache = block(h, None if state is None else state[i], return_state)
             new_state.append(cache)
-        logits = F.linear(self.final_norm(h), self.embed.weight)  # tied lm head
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.final_norm(h), head)
         return (logits, new_state) if return_state else logits
 
     @torch.no_grad()

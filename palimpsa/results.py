@@ -20,6 +20,7 @@ import polars as pl
 import yaml
 
 from palimpsa.config import flatten
+from palimpsa.io import read_yaml, yaml_load
 from palimpsa.tracking import RESULT_TAG
 
 ID_COLUMNS = ("grid", "point", "label", "experiment", "run_dir", "status", "mlflow_run_id")
@@ -45,7 +46,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
     if not config_file.is_file():
         config_file = run_dir / "run.yaml"
     point = json.loads(point_file.read_text()) if point_file.is_file() else {}
-    cfg = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    cfg = read_yaml(config_file) if config_file.is_file() else {}
     row: dict[str, Any] = {
         "grid": point.get("grid", run_dir.parent.name),
         "point": point.get("point", run_dir.name),
@@ -122,7 +123,7 @@ PARENT_ROLES = ("sweep", "study")
 def _param_value(text: str) -> Any:
     """MLflow params are strings; YAML gives back numbers, booleans and None."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -199,6 +200,73 @@ def build_tables(
     runs = _frame(rows, ("run_id", *ID_COLUMNS, "variant"))
     schema = {"run_id": pl.String, "step": pl.Int64, "key": pl.String, "value": pl.Float64}
     return runs, pl.DataFrame(curves, schema=schema)
+
+
+# --------------------------------------------------------------------------- views of a runs table
+
+LR, SEED = "cfg.train.lr", "cfg.seed"
+
+
+def setting_columns(runs: pl.DataFrame) -> list[str]:
+    """The columns that name a setting (a model at one task size): the variant, every axis but lr and seed."""
+    axes = [c for c in runs.columns if c.startswith("axis.") and c not in ("axis.train.lr", "axis.seed")]
+    named = (["variant"] if "variant" in runs.columns else []) + sorted(axes)
+    return [c for c in named if runs[c].null_count() < runs.height]  # an all-empty column names nothing
+
+
+def _score(runs: pl.DataFrame) -> tuple[str, bool]:
+    """The final validation metric column and whether higher is better."""
+    if "metric.val_accuracy" in runs.columns and runs["metric.val_accuracy"].drop_nulls().len() > 0:
+        return "metric.val_accuracy", True
+    return "metric.val_loss", False
+
+
+def best_lr(runs: pl.DataFrame, per: str = "seed", drop_seeds: tuple[int, ...] = ()) -> pl.DataFrame:
+    """The learning rate chosen on the final validation metric, one row per (setting, seed).
+
+    ``per="seed"``: each seed keeps its own best lr (the published MQAR figure's view, which also drops
+    seeds 5 and 6: ``drop_seeds=(5, 6)``). ``per="setting"``: one lr per setting, the best mean over its
+    seeds, and every seed's value at that lr. Columns: the setting, ``seed``, ``lr``, ``value`` and
+    ``n_lr`` (how many learning rates the choice was made from).
+    """
+    if per not in ("seed", "setting"):
+        raise ValueError(f"per must be 'seed' or 'setting', got {per!r}")
+    score, higher = _score(runs)
+    setting = setting_columns(runs) or ["grid"]
+    done = runs.filter(pl.col("status") == "FINISHED") if "status" in runs.columns else runs
+    done = done.filter(~pl.col(SEED).is_in(list(drop_seeds)) & pl.col(score).is_not_null()).select(
+        *setting, pl.col(SEED).alias("seed"), pl.col(LR).alias("lr"), pl.col(score).alias("value")
+    )
+    done = done.with_columns(n_lr=pl.col("lr").n_unique().over(setting))
+    if per == "seed":  # group_by and over() keep null keys as a group of their own (joins would drop them)
+        best = done.sort("value", descending=higher).group_by([*setting, "seed"], maintain_order=True).first()
+    else:
+        mean = pl.col("value").mean().over([*setting, "lr"])
+        best_mean = mean.max().over(setting) if higher else mean.min().over(setting)
+        best = done.with_columns(mean=mean).filter(pl.col("mean") == best_mean)
+        # ties between two lrs at the same mean: keep the smaller lr
+        best = best.filter(pl.col("lr") == pl.col("lr").min().over(setting))
+    return best.sort([*setting, "seed"], nulls_last=True).select(*setting, "seed", "lr", "value", "n_lr")
+
+
+def cli_command(parser: Any) -> Any:
+    """``palimpsa results RUNS.parquet [--best-lr-per seed|setting] [--drop-seeds 5 6] [--csv OUT]``."""
+    parser.add_argument("runs", type=Path, help="a runs table (results/tables/runs.parquet)")
+    parser.add_argument("--best-lr-per", choices=["seed", "setting"], default="setting")
+    parser.add_argument("--drop-seeds", type=int, nargs="*", default=[], help="leave these seeds out")
+    parser.add_argument("--csv", type=Path, help="also write the table here")
+
+    def run(args: Any) -> int:
+        if not args.runs.is_file():
+            raise FileNotFoundError(2, "no such runs table", str(args.runs))
+        table = best_lr(pl.read_parquet(args.runs), args.best_lr_per, tuple(args.drop_seeds))
+        if args.csv:
+            table.write_csv(args.csv)
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+            print(table)
+        return 0
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,12 +89,15 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return not any(s in part.lower() for part in parts[:-1] for s in NO_DECAY_PARTS)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups; tied parameters appear once (``named_parameters`` de-duplicates)."""
+def param_groups(model: nn.Module, weight_decay: float, decay_on: str = "matrices") -> list[dict[str, Any]]:
+    """Two AdamW groups; tied parameters appear once (``named_parameters`` de-duplicates).
+
+    ``decay_on="all"`` puts every parameter in the decayed group, as a plain ``AdamW(model.parameters())``.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
+            (decay if decay_on == "all" or decays(name, param) else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
@@ -107,6 +110,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_lr_factor(step: int, warmup: int, steps_per_epoch: int, epochs: int, min_ratio: float) -> float:
+    """Cosine over epochs, constant within one: epoch ``e`` trains at ``min + (1-min)(1 + cos(pi e/E)) / 2``
+    (PyTorch's ``CosineAnnealingLR(T_max=E)`` stepped once per epoch); an optional linear warmup first."""
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step // steps_per_epoch
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 @dataclass
@@ -259,11 +271,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on GPU by default; fp32 on CPU unless bf16 is asked for."""
+    """bf16 autocast on GPU by default; fp32 on CPU unless bf16 is asked for. A ``pure_bf16`` model holds
+    bf16 weights itself, so it needs no autocast."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def precision_name(requested: str, amp: Callable[[], contextlib.AbstractContextManager]) -> str:
+    """What ran: ``pure_bf16``, ``bf16`` (autocast) or ``fp32``."""
+    if requested == "pure_bf16":
+        return "pure_bf16"
+    return "bf16" if amp is not contextlib.nullcontext else "fp32"
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -335,9 +355,11 @@ class Trainer:
             self.device = self.dist.device
         self.amp = autocast_for(self.device, cfg.train.precision)
         self.model = build_model(cfg, self.data.vocab_size).to(self.device)
+        if cfg.train.precision == "pure_bf16":  # weights, gradients and AdamW moments all in bf16
+            self.model.to(torch.bfloat16)
         self.net = self.model if self.dist is None else self.dist.wrap(self.model)  # what training calls
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.train.weight_decay),
+            param_groups(self.model, cfg.train.weight_decay, cfg.train.weight_decay_on),
             lr=cfg.train.lr,
             betas=(cfg.train.beta1, cfg.train.beta2),
         )
@@ -415,7 +437,12 @@ class Trainer:
 
     def set_lr(self, step: int) -> float:
         t = self.cfg.train
-        lr = t.lr * lr_factor(step, t.warmup_steps, self.plan.total_steps, t.min_lr_ratio)
+        if t.schedule == "epoch_cosine":
+            per_epoch = self.plan.steps_per_epoch
+            factor = epoch_lr_factor(step, t.warmup_steps, per_epoch, t.epochs, t.min_lr_ratio)
+        else:
+            factor = lr_factor(step, t.warmup_steps, self.plan.total_steps, t.min_lr_ratio)
+        lr = t.lr * factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -434,7 +461,8 @@ class Trainer:
             value = global_total / max(global_count, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
+        max_norm = math.inf if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(value) or not math.isfinite(grad_norm):  # checked before the update
             what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {grad_norm}"
             raise NonFiniteError(f"non-finite {what} at step {self.state.step + 1}")
@@ -597,7 +625,7 @@ class Trainer:
             "peak_memory_mib": memory,
             "peak_memory_kind": memory_kind,
             "device": str(self.device),
-            "precision": "bf16" if self.amp is not contextlib.nullcontext else "fp32",
+            "precision": precision_name(self.cfg.train.precision, self.amp),
             "num_threads": torch.get_num_threads(),
             "resumed": self.resumed,
             "world_size": 1 if self.dist is None else self.dist.world_size,

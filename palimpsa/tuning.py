@@ -32,6 +32,7 @@ import yaml
 from palimpsa.atomic import atomic_write
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
+from palimpsa.io import YamlFileError, read_yaml, yaml_load
 
 log = optuna.logging.get_logger("optuna.palimpsa")  # optuna's handler: lines in the worker log
 
@@ -75,11 +76,9 @@ def load_tune_spec(
     where = path or "tuning spec"
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise GridError("", "tuning spec not found", path) from None
-        except yaml.YAMLError as err:
-            raise GridError("", f"malformed YAML: {err}".replace("\n", " "), path) from None
+            data = read_yaml(path, "tuning spec")
+        except YamlFileError as err:
+            raise GridError("", err.message, path) from None
     else:
         data = copy.deepcopy(source)
     if not isinstance(data, dict):
@@ -91,9 +90,9 @@ def load_tune_spec(
     if isinstance(base, str):
         base_path = resolve_path(base, path) if path else Path(base)
         try:
-            base = yaml.safe_load(base_path.read_text())
-        except FileNotFoundError:
-            raise GridError("base", f"base config not found: {base_path}", where) from None
+            base = read_yaml(base_path, "base config")
+        except YamlFileError as err:
+            raise GridError("base", err.message, where) from None
     cfg = copy.deepcopy(base)
     for key, value in (data.get("overrides") or {}).items():
         set_key(cfg, key, value, f"overrides.{key}")
@@ -542,7 +541,7 @@ def run_study(
     ``space`` is a mapping (or YAML file) of dotted key -> distribution, or a whole study spec.
     """
     if isinstance(space, (str, Path)):
-        space = yaml.safe_load(Path(space).read_text())
+        space = read_yaml(space, "search space")
     spec_dict = dict(space) if "space" in space else {"space": space}
     spec_dict.update(base=base_cfg if isinstance(base_cfg, dict) else str(base_cfg), metric=metric)
     spec_dict.update(n_trials=n_trials, study=study_name)
@@ -587,7 +586,7 @@ def run_cli(args: Any) -> int:
             key, sep, text = item.partition("=")
             if not sep:
                 raise GridError("", f"override {item!r} is not of the form key=value", "--set")
-            extra[key] = yaml.safe_load(text)
+            extra[key] = yaml_load(text)
         spec = load_tune_spec(args.spec, extra=extra)
         out_dir = Path(args.out or f"results/tuning/{spec.name}")
         storage = make_storage(args.storage, out_dir)

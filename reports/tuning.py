@@ -116,9 +116,9 @@ def _direction_next_to(path: Path, default_maximize: bool) -> bool:
     """``best.yaml`` beside ``trials.parquet`` names the study's direction."""
     best = path.parent / "best.yaml"
     if best.is_file():
-        import yaml
+        from palimpsa.io import read_yaml
 
-        doc = yaml.safe_load(best.read_text()) or {}
+        doc = read_yaml(best) or {}
         if isinstance(doc, dict) and doc.get("direction") in ("maximize", "minimize"):
             return doc["direction"] == "maximize"
     return default_maximize

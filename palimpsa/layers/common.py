@@ -50,6 +50,14 @@ class GatedRMSNorm(RMSNorm):
         return super().forward(x) * F.silu(gate)
 
 
+class FullGatedRMSNorm(RMSNorm):
+    """RMSNorm over all ``H * V`` channels of ``o * SiLU(gate)``: Mamba2's output norm (gate first)."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        B, T, H, V = x.shape
+        return super().forward((x * F.silu(gate)).reshape(B, T, H * V)).view(B, T, H, V)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over time.
 
@@ -75,14 +83,26 @@ def inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-def init_dt_bias(num_heads: int, dt_min: float, dt_max: float) -> Tensor:
-    """Bias such that ``softplus(bias) ~ logU(dt_min, dt_max)`` (Mamba2's dt init)."""
-    log_dt = torch.empty(num_heads).uniform_(math.log(dt_min), math.log(dt_max))
-    return inverse_softplus(log_dt.exp().clamp_min(1e-4))
+DT_FLOOR = 1e-4  # smallest dt at init
+A_RAMPS = {"small": (0.01, 0.16), "very_small": (0.001, 0.016), "normal": (1.0, 16.0)}
 
 
-def init_a_log(num_heads: int, a_min: float, a_max: float) -> Tensor:
-    return torch.empty(num_heads).uniform_(a_min, a_max).log()
+def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, forgetting: str = "random") -> Tensor:
+    """Bias such that ``softplus(bias) = dt``, with ``dt ~ logU(dt_min, dt_max)`` (Mamba2's init, "random")
+    or, for the ramps, ``dt`` log-spaced from ``dt_max`` (head 0) down to ``dt_min`` (last head)."""
+    if forgetting == "random":
+        log_dt = torch.empty(num_heads).uniform_(math.log(dt_min), math.log(dt_max))
+    else:
+        ramp = torch.linspace(1.0, 0.0, num_heads, dtype=torch.float64)
+        log_dt = (ramp * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).float()
+    return inverse_softplus(log_dt.exp().clamp_min(DT_FLOOR))
+
+
+def init_a_log(num_heads: int, a_min: float, a_max: float, forgetting: str = "random") -> Tensor:
+    """``log A_h`` with ``A_h ~ U(a_min, a_max)`` ("random") or the named ramp of :data:`A_RAMPS`."""
+    if forgetting == "random":
+        return torch.empty(num_heads).uniform_(a_min, a_max).log()
+    return torch.linspace(*A_RAMPS[forgetting], num_heads).log()
 
 
 class DtGate(nn.Module):
@@ -94,9 +114,9 @@ class DtGate(nn.Module):
     def __init__(self, cfg: MixerConfig, d_model: int):
         super().__init__()
         H = cfg.num_heads
-        self.w_dt = nn.Linear(d_model, H, bias=False)
-        self.dt_bias = nn.Parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max))
-        self.A_log = nn.Parameter(init_a_log(H, cfg.a_init_min, cfg.a_init_max))
+        self.w_dt = nn.Linear(d_model, H, bias=cfg.bias)
+        self.dt_bias = nn.Parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max, cfg.forgetting))
+        self.A_log = nn.Parameter(init_a_log(H, cfg.a_init_min, cfg.a_init_max, cfg.forgetting))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(dt, log_alpha)``, each ``[B, T, H]``."""
@@ -118,18 +138,23 @@ class MixerShell(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
         self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
-        self.q_proj = nn.Linear(d_model, H * K, bias=False)
-        self.k_proj = nn.Linear(d_model, H * K, bias=False)
-        self.v_proj = nn.Linear(d_model, H * V, bias=False)
+        self.scale = K**-0.5 if cfg.scale is None else cfg.scale  # the read-out's
+        self.q_proj = nn.Linear(d_model, H * K, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, H * K, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, H * V, bias=cfg.bias)
         if cfg.conv_size > 0:
             self.q_conv = ShortConv(H * K, cfg.conv_size)
             self.k_conv = ShortConv(H * K, cfg.conv_size)
             self.v_conv = ShortConv(H * V, cfg.conv_size)
-        self.g_proj = nn.Linear(d_model, H * V, bias=False)
-        self.D = nn.Parameter(torch.ones(H))
-        self.o_norm = GatedRMSNorm(V, norm_eps)
-        self.o_proj = nn.Linear(H * V, d_model, bias=False)
-        self.o_proj.is_residual_out = True  # scaled down at init by the model
+        self.g_proj = nn.Linear(d_model, H * V, bias=cfg.bias)
+        if cfg.d_skip:
+            self.D = nn.Parameter(torch.ones(H))
+        if cfg.output_norm == "head":
+            self.o_norm: GatedRMSNorm | FullGatedRMSNorm = GatedRMSNorm(V, norm_eps)
+        else:
+            self.o_norm = FullGatedRMSNorm(H * V, norm_eps)
+        self.o_proj = nn.Linear(H * V, d_model, bias=cfg.bias)
+        self.o_proj.is_residual_out = True  # scaled down at init by the model (default init)
 
     # ----------------------------------------------------------------- pieces
     def _conv(self, name: str, x: Tensor, cache: Cache | None, new: dict[str, Tensor]) -> Tensor:
@@ -154,7 +179,8 @@ class MixerShell(nn.Module):
 
     def finish(self, x: Tensor, o: Tensor, v: Tensor) -> Tensor:
         B, T, H, V = o.shape
-        o = o + self.D[:, None] * v
+        if self.cfg.d_skip:
+            o = o + self.D[:, None] * v
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
 

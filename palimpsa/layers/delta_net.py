@@ -27,8 +27,8 @@ class DeltaNet(MixerShell):
     def core(self, x, q, k, v, state, output_final_state):
         beta = torch.sigmoid(self.w_beta(x))
         return delta_rule(
-            q, k, v, beta, self.log_alpha(x), initial_state=state, output_final_state=output_final_state,
-            backend=map_backend(self.cfg.backend),
+            q, k, v, beta, self.log_alpha(x), self.scale, initial_state=state,
+            output_final_state=output_final_state, backend=map_backend(self.cfg.backend),
         )  # fmt: skip
 
     def log_alpha(self, x: Tensor) -> Tensor | None:

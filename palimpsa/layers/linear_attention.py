@@ -11,6 +11,6 @@ class LinearAttention(MixerShell):
 
     def core(self, x, q, k, v, state, output_final_state):
         return linear_attention(
-            q, k, v, initial_state=state, output_final_state=output_final_state,
+            q, k, v, self.scale, initial_state=state, output_final_state=output_final_state,
             backend=map_backend(self.cfg.backend),
         )  # fmt: skip

@@ -21,6 +21,6 @@ class Longhorn(MixerShell):
         B, T, H, V = v.shape
         beta = torch.sigmoid(self.w_beta(x)).view(B, T, H, V)
         return longhorn(
-            q, k, v, beta, initial_state=state, output_final_state=output_final_state,
+            q, k, v, beta, self.scale, initial_state=state, output_final_state=output_final_state,
             backend=map_backend(self.cfg.backend),
         )  # fmt: skip

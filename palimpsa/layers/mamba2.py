@@ -25,7 +25,7 @@ class Mamba2(MixerShell):
         dt, log_alpha = self.dt_gate(x)
         u = dt[..., None] * v
         return simple_gla(
-            q, k, u, log_alpha, initial_state=state, output_final_state=output_final_state,
+            q, k, u, log_alpha, self.scale, initial_state=state, output_final_state=output_final_state,
             backend=map_backend(self.cfg.backend),
         )  # fmt: skip
 

@@ -28,7 +28,7 @@ class Mesa(MixerShell):
     def core(self, x, q, k, v, state, output_final_state):
         beta = torch.sigmoid(self.w_beta(x))
         return mesa(
-            q, k, v, beta, self.log_alpha(x), self.ip_log.exp(), initial_state=state,
+            q, k, v, beta, self.log_alpha(x), self.ip_log.exp(), self.scale, initial_state=state,
             output_final_state=output_final_state, backend=map_backend(self.cfg.backend),
         )  # fmt: skip
 

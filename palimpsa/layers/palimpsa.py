@@ -91,12 +91,12 @@ class _MetaplasticBase(MixerShell):
         decode = fused_recurrent_palimpsa is not None and q.is_cuda and state is not None
         if decode and not torch.is_grad_enabled():
             y, var, final = fused_recurrent_palimpsa(
-                q, k, r["u"], r["beta"], r["log_alpha"], self.ip, initial_state=state,
+                q, k, r["u"], r["beta"], r["log_alpha"], self.ip, self.scale, initial_state=state,
                 output_final_state=output_final_state, output_variance=self.cfg.output_variance,
             )  # fmt: skip
         else:
             y, var, final = palimpsa_attn(
-                q, k, r["u"], r["beta"], r["log_alpha"], self.ip, initial_state=state,
+                q, k, r["u"], r["beta"], r["log_alpha"], self.ip, self.scale, initial_state=state,
                 output_final_state=output_final_state, output_variance=self.cfg.output_variance,
                 backend=self.cfg.backend,
             )  # fmt: skip
