@@ -70,3 +70,18 @@ def assert_close(got: dict, want: dict, tol: float) -> None:
         assert torch.isfinite(a).all(), f"{name} has NaN or inf"
         err = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def per_sequence(run: Callable[..., tuple], cu: torch.Tensor) -> Callable[..., tuple]:
+    """The reference for a flattened varlen batch: ``run(**leaves)`` on each sequence, outputs concatenated
+    (``y`` along time, final states along the batch)."""
+
+    def varlen(h0: torch.Tensor, **x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ys, finals = [], []
+        for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+            y, final = run(**{name: t[:, s:e] for name, t in x.items()}, h0=h0[n : n + 1])
+            ys.append(y)
+            finals.append(final)
+        return torch.cat(ys, 1), torch.cat(finals)
+
+    return varlen

@@ -13,9 +13,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from chunk_cases import assert_close, inputs, outputs_and_grads  # noqa: E402
+from chunk_cases import assert_close, inputs, outputs_and_grads, per_sequence  # noqa: E402
 
 from kernels.delta_rule import chunk_delta_rule_torch, delta_rule, naive_recurrent_delta_rule  # noqa: E402
 
@@ -77,3 +79,64 @@ def test_dispatch_torch_and_reference(gated):
     for backend in ("torch", "reference", "auto"):
         got = delta_rule(*args, initial_state=x["h0"], output_final_state=True, backend=backend)
         assert_close({"y": got[0], "S": got[1]}, {"y": ref[0], "S": ref[1]}, 1e-12)
+
+
+# ---------------------------------------------------------------- Triton path, interpreter, float32
+
+
+def _chunk_delta_rule():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("triton was imported without its interpreter and there is no GPU")
+    from kernels.delta_rule.chunk import chunk_delta_rule
+
+    return chunk_delta_rule
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(("T", "K", "V"), [*CASES, (37, 5, 80)])  # V = 80: two V blocks
+def test_triton_matches_float64_recurrence(T, K, V, gated):
+    x = inputs(2, T, 2, K, V, seed=T * 13 + V, delta=True)
+    _check(_chunk_delta_rule(), _leaves(x, gated), torch.float32, 1e-4, chunk_size=16)
+
+
+@pytest.mark.parametrize(
+    ("T", "K", "V", "chunk_size"),
+    [(150, 16, 32, 64), (100, 64, 64, 64), (40, 48, 20, 32)],  # the baselines' heads; full tiles; K = 48
+)
+def test_triton_larger_chunks_and_heads(T, K, V, chunk_size):
+    x = inputs(1, T, 2, K, V, seed=T + K, delta=True)
+    _check(_chunk_delta_rule(), _leaves(x, gated=True), torch.float32, 1e-4, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("gate", ["zero", "strong"])
+def test_triton_linear_attention_and_strong_decays(gate):
+    x = inputs(2, 45, 2, 16, 16, seed=11, gate=gate, delta=True)
+    _check(_chunk_delta_rule(), _leaves(x, gated=True), torch.float32, 1e-4, chunk_size=16)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_variable_length_batch_matches_each_sequence(gated):
+    fn = _chunk_delta_rule()
+    lens = [9, 1, 40]
+    cu = torch.tensor([0, 9, 10, 50], dtype=torch.int32)
+    x = _leaves(inputs(1, sum(lens), 2, 8, 16, seed=5, delta=True, N=len(lens)), gated)
+
+    def varlen(q, k, v, beta, log_alpha=None, h0=None):
+        return fn(q, k, v, beta, log_alpha, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                  chunk_size=16)  # fmt: skip
+
+    want = outputs_and_grads(per_sequence(_run(naive_recurrent_delta_rule), cu), x, torch.float64)
+    assert_close(outputs_and_grads(varlen, x, torch.float32), want, 1e-4)
+
+
+def test_triton_keeps_16_bit_outputs_and_fp32_states():
+    fn = _chunk_delta_rule()
+    x = inputs(1, 40, 2, 16, 16, seed=3, delta=True)
+    q, k, v, beta = (x[n].bfloat16() for n in ("q", "k", "v", "beta"))
+    y, S = fn(q, k, v, beta, x["log_alpha"].float(), output_final_state=True, chunk_size=16)
+    assert y.dtype == torch.bfloat16 and S.dtype == torch.float32
+    y_ref, S_ref = chunk_delta_rule_torch(q, k, v, beta, x["log_alpha"].float(), output_final_state=True)
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
+    assert ((S - S_ref).norm() / S_ref.norm()).item() < 1e-3

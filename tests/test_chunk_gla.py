@@ -12,9 +12,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from chunk_cases import assert_close, inputs, outputs_and_grads  # noqa: E402
+from chunk_cases import assert_close, inputs, outputs_and_grads, per_sequence  # noqa: E402
 
 from kernels.gla import chunk_simple_gla_torch, naive_recurrent_simple_gla, simple_gla  # noqa: E402
 
@@ -70,3 +72,70 @@ def test_dispatch_torch_and_reference():
     for backend in ("torch", "reference", "auto"):
         got = simple_gla(*args, initial_state=x["h0"], output_final_state=True, backend=backend)
         assert_close({"y": got[0], "S": got[1]}, {"y": ref[0], "S": ref[1]}, 1e-12)
+
+
+# ---------------------------------------------------------------- Triton kernels, interpreter, float32
+
+
+def _chunk_simple_gla():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("triton was imported without its interpreter and there is no GPU")
+    from kernels.gla.chunk import chunk_simple_gla
+
+    return chunk_simple_gla
+
+
+@pytest.mark.parametrize(("T", "K", "V"), [*CASES, (37, 5, 80)])  # V = 80: two V blocks
+def test_triton_matches_float64_recurrence(T, K, V):
+    x = inputs(2, T, 2, K, V, seed=T * 17 + V)
+    _check(_chunk_simple_gla(), x, torch.float32, 1e-4, chunk_size=16)
+
+
+@pytest.mark.parametrize(
+    ("T", "K", "V", "chunk_size"),
+    [(150, 16, 32, 64), (100, 64, 64, 64), (40, 48, 20, 32)],  # the baselines' heads; full tiles; K = 48
+)
+def test_triton_larger_chunks_and_heads(T, K, V, chunk_size):
+    x = inputs(1, T, 2, K, V, seed=T + K)
+    _check(_chunk_simple_gla(), x, torch.float32, 1e-4, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("gate", ["zero", "strong"])
+def test_triton_linear_attention_and_strong_decays(gate):
+    x = inputs(2, 45, 2, 16, 16, seed=11, gate=gate)
+    _check(_chunk_simple_gla(), x, torch.float32, 1e-4, chunk_size=16)
+
+
+def test_triton_variable_length_batch_matches_each_sequence():
+    fn = _chunk_simple_gla()
+    lens = [9, 1, 40]
+    cu = torch.tensor([0, 9, 10, 50], dtype=torch.int32)
+    x = inputs(1, sum(lens), 2, 8, 16, seed=5, N=len(lens))
+
+    def varlen(q, k, v, log_alpha, h0):
+        return fn(q, k, v, log_alpha, initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=16)
+
+    want = outputs_and_grads(per_sequence(_run(naive_recurrent_simple_gla), cu), x, torch.float64)
+    assert_close(outputs_and_grads(varlen, x, torch.float32), want, 1e-4)
+
+
+def test_triton_keeps_16_bit_outputs_and_fp32_states():
+    fn = _chunk_simple_gla()
+    x = inputs(1, 40, 2, 16, 16, seed=3)
+    q, k, v = (x[n].bfloat16() for n in "qkv")
+    y, S = fn(q, k, v, x["log_alpha"].float(), output_final_state=True, chunk_size=16)
+    assert y.dtype == torch.bfloat16 and S.dtype == torch.float32
+    y_ref, S_ref = chunk_simple_gla_torch(q, k, v, x["log_alpha"].float(), output_final_state=True)
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
+    assert ((S - S_ref).norm() / S_ref.norm()).item() < 1e-3
+
+
+def test_triton_rejects_bad_chunk_sizes_and_unflattened_varlen():
+    fn = _chunk_simple_gla()
+    q = torch.randn(2, 8, 1, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        fn(q, q, q, q[..., 0], chunk_size=24)
+    with pytest.raises(ValueError, match="B == 1"):
+        fn(q, q, q, q[..., 0], cu_seqlens=torch.tensor([0, 8]))

@@ -2,7 +2,8 @@
 
 Triton's interpreter checks what the kernels compute, not whether the compiler accepts them: a construct
 the interpreter runs (a named tuple index, a scalar mask) can still fail to compile. This compiles every
-kernel of the chunked op, in a fresh process without the interpreter, and reads the binaries back.
+kernel of the chunked Palimpsa op, and the fused-chunk walks behind simple GLA and the delta rule, in a fresh
+process without the interpreter, and reads the binaries back.
 """
 
 from __future__ import annotations
@@ -42,3 +43,23 @@ def test_every_kernel_compiles_for_sm90_with_its_tensor_core_products(tmp_path):
         assert int(rows[name]["HGMMA"]) > 0, name
     # the per-token loops hold no tensor-core product: the forward replay and the local pulls are elementwise
     assert int(rows["output_fwd"]["HGMMA"]) == int(rows["local_bwd"]["HGMMA"]) == 0
+
+
+def test_gla_and_delta_rule_walks_compile_for_sm90_with_tensor_core_products(tmp_path):
+    """The fused-chunk walks of kernels/gla/chunk.py (simple GLA and, with state-dependent values, the delta
+    rule), forward and backward, at the baselines' head sizes (K = 16, V = 32) and at K = V = 64."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    table = tmp_path / "sass.md"
+    cmd = [sys.executable, "-m", "kernels.benchmarks.sass_report", "--kernels", "walk", "--shape", "baseline",
+           "design-1", "--out", str(table)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    lines = table.read_text().splitlines()
+    head = [c.strip() for c in lines[2].strip("|").split("|")]
+    cells = ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])
+    rows = [dict(zip(head, r, strict=True)) for r in cells]
+    kernels = {f"walk_{d} {op}" for d in ("fwd", "bwd") for op in ("gla", "delta")}
+    want = {(shape, kernel) for shape in ("baseline", "design-1") for kernel in kernels}
+    assert {(r["shape"], r["kernel"]) for r in rows} == want
+    for row in rows:
+        assert 0 < int(row["regs"]) <= 255, row
+        assert int(row["HGMMA"]) + int(row["HMMA"]) > 0, row  # every chunk product on tensor cores

@@ -1,13 +1,15 @@
-"""What the Palimpsa kernels compile to, without a GPU: registers, spills, shared memory, instruction mix.
+"""What the Triton kernels compile to, without a GPU: registers, spills, shared memory, instruction mix.
 
     python -m kernels.benchmarks.sass_report [--arch 90] [--shape design-1] [--sub 1 4 8] [--out FILE]
+                                             [--kernels palimpsa walk]
 
-Each Triton kernel of the chunked op is compiled for the target (``sm_90`` = H100/H200) with the launch
-constants the op would use for bf16 inputs at that shape, then read back with the ``cuobjdump`` that
-Triton ships. Compilation needs no device, so launch shapes can be compared before a GPU is at hand:
-spills (``stack`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what make a
-recurrence latency-bound, and ``HGMMA`` marks the tensor-core products. Static counts, not timings: a loop
-body counts once however often it runs (the reverse walk's body holds ``main_sub`` unrolled tokens).
+Each Triton kernel of the chunked Palimpsa op (``palimpsa``), or of the fused-chunk walk behind simple GLA
+and the delta rule (``walk``, ``kernels/gla/chunk.py``), is compiled for the target (``sm_90`` = H100/H200)
+with the launch constants the op would use for bf16 inputs at that shape, then read back with the
+``cuobjdump`` that Triton ships. Compilation needs no device, so launch shapes can be compared before a GPU
+is at hand: spills (``stack`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what
+make a recurrence latency-bound, and ``HGMMA`` marks the tensor-core products. Static counts, not timings: a
+loop body counts once however often it runs (the reverse walk's body holds ``main_sub`` unrolled tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.gla import chunk as walk
 from kernels.palimpsa import chunk
 from kernels.palimpsa.utils import next_pow2
 
@@ -31,6 +34,7 @@ SHAPES = {
     "design-1": (8, 2048, 16, 64, 64),
     "design-2": (4, 4096, 16, 64, 128),
     "design-3": (8, 2048, 16, 128, 128),
+    "baseline": (128, 512, 8, 16, 32),  # the Mamba2 / Gated DeltaNet training step of the baselines
 }
 # pointer arguments that are not in the inputs' dtype
 FP32_POINTERS = {"la", "ip", "hm", "hi", "dhm", "dhi", "lm", "li", "h0m", "h0i", "hTm", "hTi", "dTm", "dTi",
@@ -41,13 +45,19 @@ OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)") 
 COLUMNS = ("regs", "stack", "shared", "warps", "instructions", *SHOWN)
 
 
-def _signature(fn, constexprs: dict, dtype: str, atomic: bool) -> dict[str, str]:
+def _signature(
+    fn, constexprs: dict, dtype: str, atomic: bool, fp32: frozenset = frozenset()
+) -> dict[str, str]:
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name == "scale":
             sig[name] = "fp32"
+        elif name in ("TT", "NT"):  # token and chunk counts
+            sig[name] = "i32"
+        elif name in fp32:
+            sig[name] = "*fp32"
         elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name == "dip":
@@ -81,12 +91,41 @@ def launches(shape, sub: int, chunk_size: int = 64) -> list[tuple[str, object, d
     ]  # fmt: skip
 
 
+# the walk's pointers that are fp32 whatever the inputs' dtype (states, partial sums, decays); the delta
+# rule's chunk-major U and W_k (and dU) are fp32 too, they come out of the WY solve
+WALK_FP32 = frozenset({"la", "h0", "hs", "ht", "dht", "dq", "dk", "dwk", "dla", "dh0"})
+
+
+def walk_launches(shape, chunk_size: int = 64) -> list[tuple[str, object, dict, int, frozenset]]:
+    """(label, kernel, constexprs, num_warps, fp32 pointers) of the GLA and delta-rule walks, as in the host
+    code of kernels/gla/chunk.py."""
+    _, _, H, K, V = shape
+    BK, BV = walk._blocks(K, V)
+    common = dict(H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, PREC="tf32")
+    rows = []
+    for op, state_values in (("gla", False), ("delta", True)):
+        fp32 = WALK_FP32 | ({"u", "wk", "du"} if state_values else set())
+        fwd = {**common, "STATE_VALUES": state_values, "USE_INIT": False, "STORE_FINAL": False}
+        bwd = {**common, "STATE_VALUES": state_values, "USE_DFINAL": False}
+        rows.append((f"walk_fwd {op}", walk._walk_fwd, fwd, walk.NUM_WARPS, fp32))
+        rows.append((f"walk_bwd {op}", walk._walk_bwd, bwd, walk.NUM_WARPS, fp32))
+    return rows
+
+
 def _bin(tool: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
-def report(fn, constexprs: dict, num_warps: int, atomic: bool, arch: int, dtype: str = "bf16") -> dict:
-    sig = _signature(fn, constexprs, dtype, atomic)
+def report(
+    fn,
+    constexprs: dict,
+    num_warps: int,
+    atomic: bool,
+    arch: int,
+    dtype: str = "bf16",
+    fp32: frozenset = frozenset(),
+) -> dict:
+    sig = _signature(fn, constexprs, dtype, atomic, fp32)
     # as at a real launch: torch allocates 16-byte aligned and the JIT says so, which lets loads vectorize
     aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
@@ -115,20 +154,25 @@ def main(argv=None) -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["design-1", "design-3"])
     ap.add_argument("--sub", type=int, nargs="+", default=[chunk.CONFIG["main_sub"]])
+    ap.add_argument("--kernels", choices=("palimpsa", "walk"), nargs="+", default=["palimpsa"])
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
     head = f"sm_{args.arch}, triton {triton.__version__}, bf16 inputs; static counts (one loop body each)"
     lines = [head, "", "| shape | kernel | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for name in args.shape:
+        todo = []  # (label, kernel, constexprs, warps, atomic, fp32 pointers)
+        if "palimpsa" in args.kernels:
+            todo += [(*launch, frozenset()) for sub in args.sub for launch in launches(SHAPES[name], sub)]
+        if "walk" in args.kernels:
+            todo += [(label, fn, c, w, False, fp32) for label, fn, c, w, fp32 in walk_launches(SHAPES[name])]
         seen = set()
-        for sub in args.sub:
-            for label, fn, constexprs, warps, atomic in launches(SHAPES[name], sub):
-                if label in seen:
-                    continue
-                seen.add(label)
-                row = report(fn, constexprs, warps, atomic, args.arch)
-                lines.append(f"| {name} | {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
-                print(lines[-1], flush=True)
+        for label, fn, constexprs, warps, atomic, fp32 in todo:
+            if label in seen:
+                continue
+            seen.add(label)
+            row = report(fn, constexprs, warps, atomic, args.arch, fp32=fp32)
+            lines.append(f"| {name} | {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+            print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -1,0 +1,88 @@
+"""The (gated) delta rule on the fused-chunk Triton walk of ``kernels/gla/chunk.py``.
+
+Per chunk starting from ``S_0`` the delta rule is the GLA recurrence with values ``W = U - W_k S_0^T``
+(``kernels/delta_rule/chunk_torch.py`` derives it): the WY pieces
+
+    U = (I + A)^{-1} diag(beta) V,   W_k = (I + A)^{-1} diag(beta) e^{G} K,
+    A = tril_{-1}(diag(beta) (K K^T) * D)
+
+do not depend on the state, so they are computed for every chunk at once in torch (batched products and one
+batched unit-triangular solve, differentiated by autograd), and only the walk over chunks, which carries the
+state, runs in the Triton kernels (forward and backward, with ``dU = dW`` and ``dW_k = -dW S_0`` handed back
+to autograd). The walk's backward gives the gradients of ``q``, ``k``, ``log alpha`` and the initial state
+through the walk; autograd adds those through ``U`` and ``W_k`` (to ``k``, ``v``, ``beta``, ``log alpha``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.delta_rule.chunk_torch import wy_pieces
+from kernels.gla.chunk import ChunkWalkFunction, check_chunk_size, flatten_tokens
+from kernels.palimpsa.utils import SequenceLayout, sequence_layout
+
+
+def chunk_major(x: Tensor, layout: SequenceLayout, chunk_size: int) -> Tensor:
+    """Flattened tokens ``[1, TT, H, *D]`` -> every chunk of every sequence, ``[NT, H, C, *D]``, with zero
+    rows past a sequence's end."""
+    TT, H = x.shape[1:3]
+    C = chunk_size
+    seq, within = layout.chunk_index.long().unbind(1)
+    cu = layout.cu_seqlens.long()
+    start = cu[seq] + within * C
+    idx = start[:, None] + torch.arange(C, device=x.device)
+    idx = torch.where(idx < cu[seq + 1][:, None], idx, TT).reshape(-1)  # TT: the zero row appended below
+    rows = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])[idx]  # [NT * C, H, *D]
+    rows = rows.reshape(layout.num_chunks, C, H, *x.shape[3:])
+    return rows.transpose(1, 2)
+
+
+def _chunk_major_dense(x: Tensor, B: int, chunk_size: int) -> Tensor:
+    """The same for a plain batch of ``B`` sequences: padding and a view instead of a gather."""
+    _, TT, H = x.shape[:3]
+    T = TT // B
+    n = -(-T // chunk_size)
+    x = x.reshape(B, T, *x.shape[2:])
+    if n * chunk_size > T:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * chunk_size - T))
+    return x.reshape(B * n, chunk_size, H, *x.shape[3:]).transpose(1, 2)
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    log_alpha: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """(Gated) delta rule, WY pieces in torch and the walk in Triton; same contract as
+    ``naive_recurrent_delta_rule``. With ``cu_seqlens`` the batch is flattened (``B == 1``) and the states are
+    ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32."""
+    B, T, H, K = q.shape
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
+    check_chunk_size(chunk_size)
+    scale = K**-0.5 if scale is None else float(scale)
+    layout = sequence_layout(B, T, cu_seqlens, chunk_size, q.device)
+    q, k = flatten_tokens(q), flatten_tokens(k.to(q.dtype))
+    la = flatten_tokens(q.new_zeros(B, T, H, dtype=torch.float32) if log_alpha is None else log_alpha.float())
+
+    def chunks(x: Tensor) -> Tensor:
+        if cu_seqlens is None:
+            return _chunk_major_dense(x.float(), B, chunk_size)
+        return chunk_major(x.float(), layout, chunk_size)
+
+    G = None if log_alpha is None else chunks(la).cumsum(-1)
+    U, Wk = wy_pieces(chunks(k), chunks(flatten_tokens(v)), chunks(flatten_tokens(beta)), G)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    y, ht = ChunkWalkFunction.apply(
+        q, k, U.contiguous(), Wk.contiguous(), la, h0, scale, layout, output_final_state, chunk_size
+    )
+    return y.view(B, T, H, -1), ht
