@@ -1,23 +1,33 @@
-"""Which implementation a baseline op runs on: fla's Triton kernels or our torch forms.
+"""Which implementation a baseline op runs on: fla's kernels, our Triton kernels or our torch forms.
 
-fla is used only where it is importable, the tensors are on CUDA and its kernels give correct gradients
+Backends of the ops with an fla kernel (simple GLA / Mamba2, linear attention, (gated) delta rule):
+
+- ``"reference"``: the step-by-step recurrence (float-exact, slow);
+- ``"torch"``: the vectorized chunked torch form (``chunk_torch.py``), any device;
+- ``"triton"``: our fused-chunk Triton kernels (``chunk.py``), CUDA tensors, or CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1``);
+- ``"fla"``: fla's chunk kernels;
+- ``"auto"``: fla where it is trusted, else ours in Triton on CUDA when triton is installed, else torch.
+
+fla is trusted only where it is importable, the tensors are on CUDA and its kernels give correct gradients
 there. Known-bad combinations are refused up front (fla's gated chunk backward miscompiles on Hopper with
 Triton in [3.4.0, 3.7.1)); everything else is checked once per (op, device) by comparing fla's gradients
-with our float32 torch chunked form on a small problem. The resolved name and the reason belong in the
-run's params, see ``explain_backend``.
+with our float32 torch chunked form on a small problem. The ops without an fla kernel run in torch (or as
+the reference). The resolved name and the reason belong in the run's params, see ``explain_backend``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import re
 
 import torch
 
 FLA_OPS = frozenset({"simple_gla", "linear_attention", "delta_rule", "gated_delta_rule"})
 TORCH_ONLY_OPS = frozenset({"longhorn", "mesa", "attention", "palimpsa"})
-REQUESTS = ("auto", "fla", "torch", "reference")
+REQUESTS = ("auto", "fla", "triton", "torch", "reference")
 # Ops whose fla chunk backward goes through the gated dq/dk/dg kernel hit by the Hopper miscompile.
 _GATED_FLA_OPS = frozenset({"simple_gla", "linear_attention", "gated_delta_rule"})
 _HOPPER_BAD_TRITON = ((3, 4, 0), (3, 7, 1))  # [low, high)
@@ -44,29 +54,52 @@ def _fla_importable() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def explain_backend(op: str, device: torch.device | str, requested: str = "auto") -> tuple[str, str]:
-    """``(backend, reason)`` with ``backend`` in ``"fla"``/``"torch"``; the reason goes in the run's params.
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
-    Raises ``ValueError`` for an unknown op or request and ``BackendError`` when ``"fla"`` was requested
-    but cannot be used.
+
+def explain_backend(op: str, device: torch.device | str, requested: str = "auto") -> tuple[str, str]:
+    """``(backend, reason)``: the implementation that runs, one of ``"fla"``, ``"triton"``, ``"torch"``,
+    ``"reference"``, and why; both go in the run's params.
+
+    Raises ``ValueError`` for an unknown op or request and ``BackendError`` when ``"fla"`` or ``"triton"``
+    was requested but cannot be used.
     """
     if op not in FLA_OPS | TORCH_ONLY_OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(FLA_OPS | TORCH_ONLY_OPS)}")
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r} for {op}; expected one of {list(REQUESTS)}")
+    device = torch.device(device)
     if requested in ("torch", "reference"):
-        return "torch", f"requested {requested}"
-    reason = _fla_unusable_reason(op, torch.device(device))
+        return requested, f"requested {requested}"
+    if requested == "triton":
+        reason = _triton_unusable_reason(op, device)
+        if reason is not None:
+            raise BackendError(f"backend 'triton' requested for {op} but unavailable: {reason}")
+        return "triton", "requested triton"
+    reason = _fla_unusable_reason(op, device)
     if reason is None:
         return "fla", "fla installed, CUDA, gradients checked against torch"
     if requested == "fla":
         raise BackendError(f"backend 'fla' requested for {op} but unavailable: {reason}")
+    if device.type == "cuda" and _triton_unusable_reason(op, device) is None:
+        return "triton", f"our Triton kernels; fla not used: {reason}"
     return "torch", reason
 
 
 def resolve_backend(op: str, device: torch.device | str, requested: str = "auto") -> str:
-    """``"fla"`` when fla is trusted for ``op`` on ``device``, else ``"torch"``; see ``explain_backend``."""
+    """The implementation ``op`` runs on for this request and device; see ``explain_backend``."""
     return explain_backend(op, device, requested)[0]
+
+
+def _triton_unusable_reason(op: str, device: torch.device) -> str | None:
+    if op in TORCH_ONLY_OPS:
+        return f"no Triton kernel of ours is used for {op}"
+    if not _triton_importable():
+        return "triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device is {device.type}: Triton needs CUDA (or TRITON_INTERPRET=1 before triton is imported)"
+    return None
 
 
 def _fla_unusable_reason(op: str, device: torch.device) -> str | None:
@@ -102,9 +135,9 @@ def fla_gradient_error(op: str, device: torch.device, T: int = 128, D: int = 64)
     """Largest norm-relative error of fla's output, final state and input gradients against our chunked torch
     form in float32 on the same (rounded) inputs. fla runs in float32, except the ungated delta rule, which
     fla only accepts in bfloat16."""
-    from kernels.delta_rule.naive import naive_chunk_delta_rule
+    from kernels.delta_rule.chunk_torch import chunk_delta_rule_torch
     from kernels.delta_rule.ops import _fla_delta_rule
-    from kernels.gla.naive import naive_chunk_simple_gla
+    from kernels.gla.chunk_torch import chunk_simple_gla_torch
     from kernels.gla.ops import _fla_simple_gla
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -122,7 +155,7 @@ def fla_gradient_error(op: str, device: torch.device, T: int = 128, D: int = 64)
         def run(fn, x):
             return fn(x[0], x[1], x[2], x[3], None, x[4], True)
 
-        fns = (_fla_simple_gla, naive_chunk_simple_gla)
+        fns = (_fla_simple_gla, chunk_simple_gla_torch)
     else:
         la = log_alpha if op == "gated_delta_rule" else None
         inputs = [q.to(low), k.to(low), v.to(low), beta.to(low), h0] + ([la] if la is not None else [])
@@ -130,7 +163,7 @@ def fla_gradient_error(op: str, device: torch.device, T: int = 128, D: int = 64)
         def run(fn, x):
             return fn(x[0], x[1], x[2], x[3], x[5] if len(x) > 5 else None, None, x[4], True)
 
-        fns = (_fla_delta_rule, naive_chunk_delta_rule)
+        fns = (_fla_delta_rule, chunk_delta_rule_torch)
     gout = torch.randn(B, T, H, D, generator=gen).to(device)
     gstate = torch.randn(B, H, D, D, generator=gen).to(device)
     results = []

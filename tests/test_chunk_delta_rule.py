@@ -116,6 +116,12 @@ def test_triton_linear_attention_and_strong_decays(gate):
     _check(_chunk_delta_rule(), _leaves(x, gated=True), torch.float32, 1e-4, chunk_size=16)
 
 
+def test_triton_without_initial_state_through_the_dispatch():
+    x = inputs(2, 33, 2, 8, 8, seed=13, delta=True)
+    _chunk_delta_rule()
+    _check(delta_rule, _leaves(x, gated=True, with_init=False), torch.float32, 1e-4, backend="triton")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_triton_variable_length_batch_matches_each_sequence(gated):
     fn = _chunk_delta_rule()
@@ -129,6 +135,19 @@ def test_triton_variable_length_batch_matches_each_sequence(gated):
 
     want = outputs_and_grads(per_sequence(_run(naive_recurrent_delta_rule), cu), x, torch.float64)
     assert_close(outputs_and_grads(varlen, x, torch.float32), want, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_variable_length_batch_through_the_dispatch(backend):
+    """``cu_seqlens`` on every backend: the Triton walk natively, the others one sequence at a time."""
+    if backend == "triton":
+        _chunk_delta_rule()
+    dtype, tol = (torch.float32, 1e-4) if backend == "triton" else (torch.float64, 1e-10)
+    cu = torch.tensor([0, 70, 75, 90], dtype=torch.int32)
+    x = inputs(1, 90, 2, 8, 8, seed=19, delta=True, N=3)
+    got = outputs_and_grads(_run(delta_rule, backend=backend, cu_seqlens=cu), x, dtype)
+    want = outputs_and_grads(per_sequence(_run(naive_recurrent_delta_rule), cu), x, torch.float64)
+    assert_close(got, want, tol)
 
 
 def test_triton_keeps_16_bit_outputs_and_fp32_states():

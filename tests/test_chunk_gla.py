@@ -18,7 +18,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from chunk_cases import assert_close, inputs, outputs_and_grads, per_sequence  # noqa: E402
 
-from kernels.gla import chunk_simple_gla_torch, naive_recurrent_simple_gla, simple_gla  # noqa: E402
+from kernels.gla import (  # noqa: E402
+    chunk_simple_gla_torch,
+    linear_attention,
+    naive_recurrent_simple_gla,
+    simple_gla,
+)
 
 CASES = [(1, 8, 16), (37, 16, 8), (70, 8, 16)]  # (T, K, V)
 
@@ -108,6 +113,12 @@ def test_triton_linear_attention_and_strong_decays(gate):
     _check(_chunk_simple_gla(), x, torch.float32, 1e-4, chunk_size=16)
 
 
+def test_triton_without_initial_state_through_the_dispatch():
+    x = inputs(2, 33, 2, 8, 8, seed=13)
+    _chunk_simple_gla()
+    _check(simple_gla, x, torch.float32, 1e-4, with_init=False, backend="triton")
+
+
 def test_triton_variable_length_batch_matches_each_sequence():
     fn = _chunk_simple_gla()
     lens = [9, 1, 40]
@@ -119,6 +130,32 @@ def test_triton_variable_length_batch_matches_each_sequence():
 
     want = outputs_and_grads(per_sequence(_run(naive_recurrent_simple_gla), cu), x, torch.float64)
     assert_close(outputs_and_grads(varlen, x, torch.float32), want, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_variable_length_batch_through_the_dispatch(backend):
+    """``cu_seqlens`` on every backend: the Triton walk natively, the others one sequence at a time."""
+    if backend == "triton":
+        _chunk_simple_gla()
+    dtype, tol = (torch.float32, 1e-4) if backend == "triton" else (torch.float64, 1e-10)
+    cu = torch.tensor([0, 70, 75, 90], dtype=torch.int32)
+    x = inputs(1, 90, 2, 8, 8, seed=19, N=3)
+    got = outputs_and_grads(_run(simple_gla, backend=backend, cu_seqlens=cu), x, dtype)
+    want = outputs_and_grads(per_sequence(_run(naive_recurrent_simple_gla), cu), x, torch.float64)
+    assert_close(got, want, tol)
+
+
+def test_linear_attention_through_the_triton_dispatch():
+    _chunk_simple_gla()
+    x = inputs(2, 40, 2, 8, 8, seed=23, gate="zero")
+    x.pop("log_alpha")
+
+    def run(fn, **kw):
+        return lambda q, k, v, h0: fn(q, k, v, initial_state=h0, output_final_state=True, **kw)
+
+    got = outputs_and_grads(run(linear_attention, backend="triton"), x, torch.float32)
+    want = outputs_and_grads(run(linear_attention, backend="reference"), x, torch.float64)
+    assert_close(got, want, 1e-4)
 
 
 def test_triton_keeps_16_bit_outputs_and_fp32_states():
