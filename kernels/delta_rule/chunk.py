@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.delta_rule.chunk_torch import wy_pieces
-from kernels.gla.chunk import ChunkWalkFunction, check_chunk_size, flatten_tokens
-from kernels.palimpsa.utils import SequenceLayout, sequence_layout
+from kernels.gla.chunk import ChunkWalkFunction, check_chunk_size, flatten_tokens, layout_for
+from kernels.palimpsa.utils import SequenceLayout
 
 
 def chunk_major(x: Tensor, layout: SequenceLayout, chunk_size: int) -> Tensor:
@@ -66,11 +66,9 @@ def chunk_delta_rule(
     ``naive_recurrent_delta_rule``. With ``cu_seqlens`` the batch is flattened (``B == 1``) and the states are
     ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32."""
     B, T, H, K = q.shape
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
     check_chunk_size(chunk_size)
     scale = K**-0.5 if scale is None else float(scale)
-    layout = sequence_layout(B, T, cu_seqlens, chunk_size, q.device)
+    layout = layout_for(B, T, cu_seqlens, chunk_size, q.device)
     q, k = flatten_tokens(q), flatten_tokens(k.to(q.dtype))
     la = flatten_tokens(q.new_zeros(B, T, H, dtype=torch.float32) if log_alpha is None else log_alpha.float())
 

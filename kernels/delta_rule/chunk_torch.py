@@ -43,6 +43,11 @@ def wy_pieces(k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None) -> tuple[Ten
     return X.split([v.shape[-1], k.shape[-1]], dim=-1)
 
 
+def _transition(S: Tensor, M: Tensor, R: Tensor) -> Tensor:
+    """``S M + R`` for ``S, R [B, H, V, K]``, ``M [B, H, K, K]``: one batched product-and-add."""
+    return torch.baddbmm(R.flatten(0, 1), S.flatten(0, 1), M.flatten(0, 1)).view_as(R)
+
+
 def chunk_delta_rule_torch(
     q: Tensor,
     k: Tensor,
@@ -62,7 +67,6 @@ def chunk_delta_rule_torch(
     dt = compute_dtype(q.dtype)
     qc, kc, vc = (to_chunks(x, chunk_size, dt) for x in (q, k, v))
     bc = to_chunks(beta, chunk_size, dt)  # [B, H, N, C]; 0 on padding, so padded rows of U, W_k are 0
-    N = bc.shape[2]
     G = None if log_alpha is None else to_chunks(log_alpha, chunk_size, dt).cumsum(-1)
     U, Wk = wy_pieces(kc, vc, bc, G)
     if G is None:
@@ -75,7 +79,7 @@ def chunk_delta_rule_torch(
     M = eye_decay - Wk.transpose(-1, -2) @ Kd  # [B, H, N, K, K]: the chunk's transition
     R = U.transpose(-1, -2) @ Kd  # [B, H, N, V, K]
     S0 = q.new_zeros(B, H, V, K, dtype=dt) if initial_state is None else initial_state.to(dt)
-    states, S = carry_states(lambda i, S: S @ M[:, :, i] + R[:, :, i], S0, N)
+    states, S = carry_states(_transition, S0, M, R)
     St = states.transpose(-1, -2)
     W = U - Wk @ St
     qk = qc @ kc.transpose(-1, -2)

@@ -44,6 +44,8 @@ V = 32): two kernels per layer per step, against thousands in a torch loop over 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -248,11 +250,33 @@ class ChunkWalkFunction(torch.autograd.Function):
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, STATE_VALUES=state_values, USE_DFINAL=dht is not None,
             PREC=dot_precision(q.dtype), num_warps=NUM_WARPS,
         )  # fmt: skip
-        dwk = dwk.sum(0).to(wk.dtype) if state_values else None
+        dwk = _sum_blocks(dwk).to(wk.dtype) if state_values else None
         return (
-            dq.sum(0)[None].to(q.dtype), dk.sum(0)[None].to(k.dtype), du, dwk, dla.sum(0)[None],
-            dh0 if use_init else None, None, None, None, None,
+            _sum_blocks(dq)[None].to(q.dtype), _sum_blocks(dk)[None].to(k.dtype), du, dwk,
+            _sum_blocks(dla)[None], dh0 if use_init else None, None, None, None, None,
         )  # fmt: skip
+
+
+def _sum_blocks(x: Tensor) -> Tensor:
+    """The sum of the V blocks' partials (dim 0); a view when there is one block."""
+    return x[0] if x.shape[0] == 1 else x.sum(0)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout(B: int, T: int, chunk_size: int, device: torch.device) -> SequenceLayout:
+    """A plain batch's layout, built once per shape (a handful of small device tensors)."""
+    return sequence_layout(B, T, None, chunk_size, device)
+
+
+def layout_for(
+    B: int, T: int, cu_seqlens: Tensor | None, chunk_size: int, device: torch.device
+) -> SequenceLayout:
+    """Chunk bookkeeping of a plain batch (cached) or of a varlen batch (``B == 1``)."""
+    if cu_seqlens is None:
+        return _dense_layout(B, T, chunk_size, device)
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
+    return sequence_layout(B, T, cu_seqlens, chunk_size, device)
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -282,11 +306,9 @@ def chunk_simple_gla(
     ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32.
     """
     B, T, H, K = q.shape
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
     check_chunk_size(chunk_size)
     scale = K**-0.5 if scale is None else float(scale)
-    layout = sequence_layout(B, T, cu_seqlens, chunk_size, q.device)
+    layout = layout_for(B, T, cu_seqlens, chunk_size, q.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     q, k, v = flatten_tokens(q), flatten_tokens(k), flatten_tokens(v.to(q.dtype))
     la = flatten_tokens(log_alpha.float())

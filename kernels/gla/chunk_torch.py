@@ -46,14 +46,17 @@ def from_chunks(x: Tensor, T: int) -> Tensor:
     return x.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
 
 
-def carry_states(step, S0: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``S_{i+1} = step(i, S_i)`` for ``i < n``; returns the states before each chunk ``[B, H, n, V, K]``
-    and the final state."""
+def carry_states(step, S0: Tensor, *per_chunk: Tensor) -> tuple[Tensor, Tensor]:
+    """``S_{n+1} = step(S_n, *(x[:, :, n] for x in per_chunk))`` over the chunks (dim 2 of ``per_chunk``);
+    returns the states before each chunk ``[B, H, N, V, K]`` and the final state.
+
+    The per-chunk tensors are unbound once (one backward op for all chunks, where indexing inside the loop
+    would allocate a full-size gradient per chunk)."""
     states = []
     S = S0
-    for i in range(n):
+    for xs in zip(*(x.unbind(2) for x in per_chunk), strict=True):
         states.append(S)
-        S = step(i, S)
+        S = step(S, *xs)
     return torch.stack(states, dim=2), S
 
 
@@ -75,13 +78,11 @@ def chunk_simple_gla_torch(
     dt = compute_dtype(q.dtype)
     qc, kc, vc = (to_chunks(x, chunk_size, dt) for x in (q, k, v))
     G = to_chunks(log_alpha, chunk_size, dt).cumsum(-1)  # [B, H, N, C]
-    N = G.shape[2]
     G_last = G[..., -1]  # [B, H, N]
     # the chunks' own contributions to the state after them, all at once
     R = (vc * (G_last[..., None] - G).exp()[..., None]).transpose(-1, -2) @ kc  # [B, H, N, V, K]
-    decay = G_last.exp()[..., None, None]
     S0 = q.new_zeros(B, H, V, K, dtype=dt) if initial_state is None else initial_state.to(dt)
-    states, S = carry_states(lambda i, S: decay[:, :, i] * S + R[:, :, i], S0, N)
+    states, S = carry_states(lambda S, d, r: torch.addcmul(r, d, S), S0, G_last.exp()[..., None, None], R)
     inter = G.exp()[..., None] * (qc @ states.transpose(-1, -2))
     y = inter + ((qc @ kc.transpose(-1, -2)) * decay_matrix(G)) @ vc
     return from_chunks(scale * y, T).to(q.dtype), (S if output_final_state else None)
