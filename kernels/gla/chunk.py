@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2, sequence_layout
+from kernels.palimpsa.utils import SequenceLayout, next_pow2, sequence_layout
 
 
 @triton.jit
@@ -191,6 +191,13 @@ def _walk_bwd(
         else:
             tl.store(du + (t0 * H + h) * V + o_tv, d_w.to(du.dtype.element_ty), mask=m_tv)
     tl.store(dh0 + (n * H + h) * V * K + o_vk, dS, mask=mvk)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Tensor-core products in every case: tf32 for 16-bit inputs (finer than their rounding), and for fp32
+    inputs three tf32 products per product ("tf32x3", about fp32 accuracy; plain fp32 "ieee" products do not
+    run on tensor cores and spill kilobytes per thread in these kernels)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 NUM_WARPS = 4
