@@ -1,7 +1,8 @@
 """Comparisons shared by figures and findings: per-model means, paired ablation deltas, curves at a budget.
 
 Everything here works on the best-lr selection of :mod:`reports.tables`, so a figure and the
-sentence that describes it can never disagree on which runs they mean.
+sentence that describes it can never disagree on which runs they mean, which of them learned,
+or how wide an interval is.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 
 import polars as pl
 
+from reports import stats
 from reports.compute import METAPLASTIC_KINDS
 from reports.tables import Prepared, size_order
 
@@ -24,19 +26,51 @@ LAYER_DIAG = re.compile(r"^diag\.l(\d+)\.([a-z_]+)$")
 HEAD_DIAG = re.compile(r"^diag\.l(\d+)\.h(\d+)\.([a-z_]+)$")
 
 
+COMPARABLE = ("learned", "unscreened")  # group statuses a comparison may use
+
+
+def group_status(n_learned: int | None, n: int) -> str:
+    """``learned`` (every seed), ``some`` (some seeds), ``none``, or ``unscreened`` (no known chance)."""
+    if n_learned is None:
+        return "unscreened"
+    return "learned" if n_learned == n else ("some" if n_learned else "none")
+
+
 def model_means(prep: Prepared, column: str = "quality") -> pl.DataFrame:
-    """Mean, sd and seed count of ``column`` per (task, size, model) over ALL seeds at the best lr."""
+    """Per (task, size, model) over ALL seeds at the best lr: mean, sd, n, 95% t interval (``lo``,
+    ``hi``; null with one seed), the seeds' values, and how many of them learned (``n_learned``,
+    ``status``: see :func:`group_status`)."""
     sel = prep.selected.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan())
-    return (
-        sel.group_by("task", "size", "model", "model.mixer.kind", "config_key", "train.lr")
+    if sel.height == 0:
+        return pl.DataFrame()
+    extra = [pl.col(c).mean() for c in ("num_params", "state_elements") if c in sel.columns]
+    groups = (
+        sel.sort("run_id")
+        .group_by("task", "size", "size_rank", "model", "model.mixer.kind", "config_key", "train.lr")
         .agg(
             pl.col(column).mean().alias("mean"),
             pl.col(column).std().alias("std"),
             pl.col("seed").n_unique().alias("n"),
-            pl.col("run_id").sort().alias("run_ids"),
-            pl.col("num_params").mean().alias("num_params") if "num_params" in sel.columns else pl.lit(None),
+            pl.col("run_id").alias("run_ids"),
+            pl.col(column).alias("values"),
+            pl.col("learned").sum().alias("n_learned"),
+            pl.col("learned").is_null().any().alias("_unscreened"),
+            pl.col("chance").first(),
+            pl.col("threshold").first(),
+            *extra,
         )
-        .sort("task", "size", "model")
+        .sort("task", "size_rank", "model")
+    )
+    bounds = prep.bounds if column == "quality" else None
+    intervals = [stats.mean_interval(v, bounds=bounds) for v in groups.get_column("values").to_list()]
+    status = [
+        group_status(None if unscreened else k, n)
+        for k, n, unscreened in groups.select("n_learned", "n", "_unscreened").iter_rows()
+    ]
+    return groups.drop("_unscreened").with_columns(
+        pl.Series("lo", [i.lo if i else None for i in intervals], dtype=pl.Float64),
+        pl.Series("hi", [i.hi if i else None for i in intervals], dtype=pl.Float64),
+        pl.Series("status", status, dtype=pl.String),
     )
 
 
@@ -51,32 +85,44 @@ def main_label(prep: Prepared, kind: str) -> str | None:
 
 
 def paired_delta(prep: Prepared, column: str, a_value, b_value, kinds=METAPLASTIC_KINDS) -> pl.DataFrame:
-    """Quality of configs with ``column == a_value`` minus their twins with ``b_value``, all else equal.
+    """Configs with ``column == a_value`` against their twins with ``b_value``, all else equal.
 
-    The delta is oriented so that positive means "a is better" (loss differences are negated).
+    One row per pair: both sides' group statistics (:func:`model_means`; the twin's with suffix
+    ``_b``) and the Welch 95% interval of the difference (``delta``, ``lo_delta``, ``hi_delta``,
+    ``verdict``), oriented so that positive means "a is better" (loss differences are negated).
     """
     if column not in prep.selected.columns:
         return pl.DataFrame()
     other = [c for c in prep.variant_columns if c != column]
     twin_cols = list(dict.fromkeys(["task", "size", "model.mixer.kind", *other]))
-    sel = prep.selected.filter(pl.col("model.mixer.kind").is_in(list(kinds)))
-    stats = sel.group_by("config_key").agg(
-        pl.col("quality").mean().alias("mean"),
-        pl.col("quality").std().alias("std"),
-        pl.col("seed").n_unique().alias("n"),
-        pl.col("run_id").sort().alias("run_ids"),
-        *[pl.col(c).first() for c in dict.fromkeys(["model", column, *twin_cols])],
+    means = model_means(prep)
+    if means.height == 0:
+        return pl.DataFrame()
+    keys = (
+        prep.selected.filter(pl.col("model.mixer.kind").is_in(list(kinds)))
+        .select("config_key", *[c for c in dict.fromkeys([column, *other]) if c not in means.columns])
+        .unique(subset="config_key")
     )
-    a = stats.filter(pl.col(column) == a_value)
-    b = stats.filter(pl.col(column) == b_value)
+    groups = means.join(keys, on="config_key")
+    a = groups.filter(pl.col(column) == a_value)
+    b = groups.filter(pl.col(column) == b_value)
     if a.height == 0 or b.height == 0:
         return pl.DataFrame()
-    pairs = a.join(b.select(*twin_cols, "model", "mean", "std", "n", "run_ids"), on=twin_cols, suffix="_b")
+    side = ["model", "config_key", "mean", "n", "values", "run_ids", "status", "lo", "hi"]
+    pairs = a.join(b.select(*twin_cols, *side), on=twin_cols, suffix="_b", nulls_equal=True)
     if pairs.height == 0:
-        return pairs
-    return pairs.with_columns(((pl.col("mean") - pl.col("mean_b")) * prep.sign()).alias("delta")).sort(
-        "task", "size"
+        return pl.DataFrame()
+    intervals = [
+        stats.welch_interval(va, vb, sign=prep.sign())
+        for va, vb in pairs.select("values", "values_b").iter_rows()
+    ]
+    pairs = pairs.with_columns(
+        ((pl.col("mean") - pl.col("mean_b")) * prep.sign()).alias("delta"),
+        pl.Series("lo_delta", [i.lo if i else None for i in intervals], dtype=pl.Float64),
+        pl.Series("hi_delta", [i.hi if i else None for i in intervals], dtype=pl.Float64),
+        pl.Series("verdict", [stats.verdict(i) for i in intervals], dtype=pl.String),
     )
+    return pairs.sort("task", "size_rank")
 
 
 def ip_families(prep: Prepared) -> pl.DataFrame:
@@ -103,9 +149,12 @@ def ip_families(prep: Prepared) -> pl.DataFrame:
 
 
 def sorted_by_size(prep: Prepared, df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` ordered by task, then by size from smallest to largest (numerically, not as text)."""
     order = {s: i for i, s in enumerate(size_order(prep))}
-    return df.with_columns(pl.col("size").replace_strict(order, default=-1).alias("_order")).sort(
-        "task", "_order"
+    return (
+        df.with_columns(pl.col("size").replace_strict(order, default=-1).alias("_order"))
+        .sort("task", "_order", maintain_order=True)
+        .drop("_order")
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from reports import compute
+from reports import chance, compute
 
 KIND_NAMES = {
     "palimpsa": "Palimpsa",
@@ -37,6 +37,14 @@ SIZE_COLUMNS = (
     "model.mixer.head_k_dim",
     "model.mixer.head_v_dim",
 )
+# Size labels are compact (``d64 H1``): they sit in sentences, table cells and tick labels.
+SIZE_SHORT = {
+    "model.d_model": "d",
+    "model.n_layers": "L",
+    "model.mixer.num_heads": "H",
+    "model.mixer.head_k_dim": "K",
+    "model.mixer.head_v_dim": "V",
+}
 CONFIG_PREFIXES = ("model.", "task.", "train.")
 # Config columns that do not change what is learned (where and how a run executes).
 NUISANCE_COLUMNS = {
@@ -59,7 +67,7 @@ class ReportInputError(ValueError):
 class Prepared:
     """Finished runs with derived columns, and the learning rate chosen per model."""
 
-    runs: pl.DataFrame  # every finished run with a metric value, derived columns added
+    runs: pl.DataFrame  # every finished run with a metric value, derived columns added (chance, learned)
     selected: pl.DataFrame  # the runs at the best learning rate of their model: ALL their seeds
     lr_choice: pl.DataFrame  # one row per model config: chosen lr, its mean, seeds, lrs tried
     curves: pl.DataFrame  # run_id, step, key, value (may be empty)
@@ -69,10 +77,20 @@ class Prepared:
     size_columns: list[str]
     task_columns: list[str]
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> number of runs left out
+    margin: float = chance.LEARNED_MARGIN
 
     def sign(self) -> float:
         """+1 when larger metric values are better; turns differences into "better by"."""
         return 1.0 if self.higher_is_better else -1.0
+
+    @property
+    def chance_known(self) -> bool:
+        """True when at least one run has a chance level (the learned screen applies)."""
+        return self.runs.get_column("chance").drop_nulls().len() > 0
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return chance.metric_bounds(self.metric)
 
 
 # --------------------------------------------------------------------------- loading
@@ -223,8 +241,22 @@ def pick_metric(runs: pl.DataFrame, metric: str | None) -> str:
     raise ReportInputError("the runs table has neither val_accuracy nor val_loss values")
 
 
+def size_label(row: dict[str, Any], size_cols: list[str]) -> str:
+    """``d64 H1``: the short name of each size column and its value (no comma: sizes sit in lists)."""
+    return " ".join(f"{SIZE_SHORT.get(c, _short(c) + '=')}{_fmt(row.get(c))}" for c in size_cols)
+
+
+def _screen(row: dict[str, Any], metric: str, higher: bool) -> tuple[float | None, float | None, bool | None]:
+    """(chance, learned threshold, learned) of one run; all None when the metric has no known chance."""
+    level = chance.chance_level(row, metric)
+    if level is None:
+        return None, None, None
+    limit = chance.threshold(level, metric)
+    return level, limit, chance.learned(float(row[metric]), limit, higher)
+
+
 def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str | None = None) -> Prepared:
-    """Add model/task/size labels, state size and FLOPs, then pick the best lr per model."""
+    """Add model/task/size labels, state, FLOPs and the chance screen, then pick the best lr per model."""
     runs = normalise_runs(runs)
     curves = empty_curves() if curves is None else normalise_curves(curves)
     for col in ("run_id", "model.mixer.kind", "seed", "train.lr"):
@@ -255,8 +287,10 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
     ]
     defaults = config_defaults()
 
+    higher = metric not in LOWER_IS_BETTER and not metric.endswith("loss")
     rows = runs.to_dicts()
     labels, tasks, sizes, keys, states, flops, tokens = [], [], [], [], [], [], []
+    screens: list[tuple[float | None, float | None, bool | None]] = []
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_kind.setdefault(row["model.mixer.kind"], []).append(row)
@@ -276,14 +310,13 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
             ", ".join(f"{_short(c)}={_fmt(row.get(c))}" for c in task_cols)
             or str(row.get("task.name", "task"))
         )
-        sizes.append(
-            "/".join(f"{_short(c)}={_fmt(row.get(c))}" for c in size_cols)
-        )  # no comma: sizes sit in lists
+        sizes.append(size_label(row, size_cols))
         key = {c: row.get(c) for c in config_cols}
         keys.append(hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12])
         states.append(compute.state_elements(row))
         flops.append(compute.training_flops(row))
         tokens.append(compute.tokens_seen(row))
+        screens.append(_screen(row, metric, higher))
     runs = runs.with_columns(
         pl.Series("model", labels, dtype=pl.String),
         pl.Series("task", tasks, dtype=pl.String),
@@ -292,8 +325,13 @@ def prepare(runs: pl.DataFrame, curves: pl.DataFrame | None = None, metric: str 
         pl.Series("state_elements", states, dtype=pl.Float64),
         pl.Series("flops", flops, dtype=pl.Float64),
         pl.Series("tokens", tokens, dtype=pl.Float64),
+        pl.Series("chance", [c for c, _, _ in screens], dtype=pl.Float64),
+        pl.Series("threshold", [t for _, t, _ in screens], dtype=pl.Float64),
+        pl.Series("learned", [ok for _, _, ok in screens], dtype=pl.Boolean),
     )
-    higher = metric not in LOWER_IS_BETTER and not metric.endswith("loss")
+    ranks = runs.select("size", *size_cols).unique(subset="size").sort(size_cols, nulls_last=True)
+    rank = {s: i for i, s in enumerate(ranks.get_column("size").to_list())}
+    runs = runs.with_columns(pl.col("size").replace_strict(rank, return_dtype=pl.Int64).alias("size_rank"))
     runs = deduplicate(runs)
     selected, lr_choice = select_best_lr(runs, higher)
     return Prepared(
@@ -327,36 +365,17 @@ def select_best_lr(runs: pl.DataFrame, higher_is_better: bool) -> tuple[pl.DataF
     best = per_lr.group_by("config_key", maintain_order=True).first()
     tried = runs.group_by("config_key").agg(pl.col("train.lr").unique().sort().alias("lrs_tried"))
     selected = runs.join(best.select("config_key", "train.lr"), on=["config_key", "train.lr"], how="inner")
-    labels = runs.select("config_key", "model", "task", "size").unique(subset="config_key")
+    labels = runs.select("config_key", "model", "task", "size", "size_rank").unique(subset="config_key")
     lr_choice = (
         best.join(tried, on="config_key")
         .join(labels, on="config_key")
+        .sort(["task", "size_rank", "model"])
         .select("task", "size", "model", "config_key", "train.lr", "lr_mean", "n_seeds", "lrs_tried")
-        .sort(["task", "size", "model"])
     )
-    return selected.sort(["task", "size", "model", "seed"]), lr_choice
+    return selected.sort(["task", "size_rank", "model", "seed"]), lr_choice
 
 
 def size_order(prep: Prepared) -> list[str]:
-    """Size labels from smallest to largest (by the size columns, numerically)."""
-    cols = prep.size_columns
-    if not cols:
-        return sorted(prep.runs.get_column("size").unique().to_list())
-    sizes = prep.runs.select("size", *cols).unique(subset="size").sort(cols)
+    """Size labels from smallest to largest (by the size columns, numerically: 8 before 16)."""
+    sizes = prep.runs.select("size", "size_rank").unique(subset="size").sort("size_rank")
     return sizes.get_column("size").to_list()
-
-
-def summarize(selected: pl.DataFrame, column: str, by: list[str]) -> pl.DataFrame:
-    """Mean, standard deviation, min, max and seed count of ``column`` per group."""
-    return (
-        selected.filter(pl.col(column).is_not_null())
-        .group_by(by)
-        .agg(
-            pl.col(column).mean().alias("mean"),
-            pl.col(column).std().alias("std"),
-            pl.col(column).min().alias("min"),
-            pl.col(column).max().alias("max"),
-            pl.col("seed").n_unique().alias("n"),
-        )
-        .sort(by)
-    )
