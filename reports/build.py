@@ -5,7 +5,8 @@ Sources, one of:
   --runs RUNS.parquet [--curves CURVES.parquet]     tables exported by any machine
   --tracking-uri URI [--experiments a,b]            the MLflow store itself (via palimpsa.results)
   (neither)                                         results/tables/{runs,curves}.parquet
-Optional: --tuning trials.parquet | --tuning STORAGE_URL --study NAME (Optuna history and importances).
+Optional: --tuning trials.parquet | --tuning STORAGE_URL --study NAME (Optuna history and importances);
+--pipeline-check when the runs only check the pipeline (the header then says so whatever the data).
 
 Writes ``--out`` (a self-contained HTML file) and, next to it, ``figures/<name>.png`` with
 ``figures/<name>.rst`` captions, ``findings.json`` (every number with its source) and
@@ -30,6 +31,8 @@ class BuildResult:
     figures: list  # reports.figures.FigureResult
     findings: list  # reports.findings.Finding
     prepared: object  # reports.tables.Prepared
+    notes: dict  # section -> why it has no finding
+    check: list  # why the report only checks the pipeline (empty: it can speak about the science)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--title", default="Palimpsa: why performance shifts with scale")
     p.add_argument("--out", type=Path, help=f"HTML file to write (default {DEFAULT_OUT})")
     p.add_argument("--min-figures", type=int, default=0, help="fail when fewer figures have data")
+    p.add_argument(
+        "--pipeline-check",
+        action="store_true",
+        help="the runs only check the pipeline (e.g. the CPU smoke grid): the header says so even when some "
+        "runs happen to leave chance",
+    )
     args = p.parse_args(argv)
     if args.results is not None:
         if args.runs is not None or args.tracking_uri is not None:
@@ -107,6 +116,7 @@ def build(args: argparse.Namespace) -> BuildResult:
     from reports import figures as figs
     from reports import findings as fnd
     from reports import html
+    from reports.purpose import pipeline_check_reasons
     from reports.tables import prepare
     from reports.tuning import load_tuning
 
@@ -117,13 +127,14 @@ def build(args: argparse.Namespace) -> BuildResult:
     fig_dir = out.parent / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     results = figs.render_all(prep, tuning)
-    findings = fnd.compute_findings(prep)
+    findings, notes = fnd.collect(prep)
+    check = pipeline_check_reasons(prep, args.pipeline_check)
     for res in results:
         res.save(fig_dir)
     (out.parent / "findings.json").write_text(json.dumps([f.to_dict() for f in findings], indent=1))
     prep.selected.write_parquet(out.parent / "selected.parquet")
-    out.write_text(html.render(args.title, prep, results, findings, source, tuning))
-    return BuildResult(out=out, figures=results, findings=findings, prepared=prep)
+    out.write_text(html.render(args.title, prep, results, findings, source, tuning, notes, check))
+    return BuildResult(out=out, figures=results, findings=findings, prepared=prep, notes=notes, check=check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reports.build: error: {err}", file=sys.stderr)
         return 2
     with_data = [r for r in result.figures if r.has_data]
-    skipped = [r for r in result.figures if r.skipped]
+    skipped = [r for r in result.figures if r.skipped and not r.silent]
     print(
         f"wrote {result.out}: {len(with_data)} figures, {len(skipped)} skipped, {len(result.findings)} "
         "findings"
