@@ -1,7 +1,10 @@
-"""The analysis report, built from stored real tiny runs (tests/data/tiny_runs, see reports/tiny_runs.py).
+"""The analysis report, built from stored real tiny runs (tests/data/tiny_runs, see reports/tiny_runs.py),
+which never leave chance, and from constructed tables whose verdicts are known in advance
+(tests/data/synthetic_runs, see tests/report_fixtures.py).
 
 Every number in the findings is recomputed here from the raw exported tables with code of its own
-(filters, means, Pearson r, curve values at a budget), not through the report's own helpers.
+(filters, means, t intervals through SciPy, Pearson r, regression, curve values at a budget), not
+through the report's own helpers.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
+from report_fixtures import build_tables
+from scipy import stats as sps
 
-from reports import compute
+from reports import compute, stats
 from reports.build import build, parse_args
-from reports.findings import fmt
+from reports.findings import QUALITY_SECTIONS, fmt
 
 DATA = Path(__file__).parent / "data" / "tiny_runs"
 RUNS, CURVES, TUNING = DATA / "runs.parquet", DATA / "curves.parquet", DATA / "tuning"
+SYNTH = Path(__file__).parent / "data" / "synthetic_runs"
 NUMBER = re.compile(r"(?<![\w.=])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w]|\.\d)")
+SIGNED = ("diff", "welch_lo", "welch_hi", "slope", "slope_lo", "slope_hi")
+KINDS = {**dict.fromkeys(SIGNED, "signed"), "ratio": "ratio", "corr": "corr", "r_crit": "corr"}
+KINDS |= {"count": "count", "count_learned": "count"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +49,17 @@ def report(tmp_path_factory):
 @pytest.fixture(scope="module")
 def raw() -> pl.DataFrame:
     return pl.read_parquet(RUNS)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "index.html"
+    runs, curves = SYNTH / "runs.parquet", SYNTH / "curves.parquet"
+    return build(parse_args(["--runs", str(runs), "--curves", str(curves), "--out", str(out)]))
+
+
+def texts(result, section: str) -> list[str]:
+    return [f.text for f in result.findings if f.section == section]
 
 
 def col(df: pl.DataFrame, name: str) -> str:
@@ -79,7 +100,7 @@ def test_report_has_at_least_eight_figures_with_data(report):
     for fig in shown:
         assert fig.png.startswith(b"\x89PNG\r\n\x1a\n")
         width, height = int.from_bytes(fig.png[16:20], "big"), int.from_bytes(fig.png[20:24], "big")
-        assert width > 200 and height > 150
+        assert 200 < width <= 1100 and height > 150, (fig.name, width)  # shown at full size in the page
         assert fig.n_points > 0 and len(fig.caption) > 40
         assert (report.out.parent / "figures" / f"{fig.name}.png").read_bytes() == fig.png
         assert (report.out.parent / "figures" / f"{fig.name}.rst").read_text().strip()
@@ -91,7 +112,6 @@ def test_report_has_at_least_eight_figures_with_data(report):
         assert fig.caption.replace("'", "&#x27;") in html
     for name in (
         "quality_vs_scale",
-        "ablation_deltas",
         "prior_continuum",
         "diagnostics_vs_scale",
         "throughput_memory",
@@ -99,6 +119,10 @@ def test_report_has_at_least_eight_figures_with_data(report):
         "optuna_history",
     ):
         assert name in {f.name for f in shown}, name
+    # Differences are drawn only between runs that learned: none did here.
+    by_name = {f.name: f for f in report.figures}
+    assert not by_name["ablation_deltas"].has_data and "learned" in by_name["ablation_deltas"].skipped
+    assert not by_name["matched_comparison"].has_data
 
 
 def test_html_is_self_contained(report):
@@ -142,25 +166,114 @@ def _x_of_run(raw: pl.DataFrame, rid: str, x: str) -> tuple[float, float]:
     return total / steps, steps
 
 
+def _bare(row: dict) -> dict:
+    return {k.split(".", 1)[1] if k.startswith(("cfg.", "metric.")) else k: v for k, v in row.items()}
+
+
+def _at_budget_values(number: dict, numbers: dict, raw, curves, cache) -> list[float]:
+    budget = recompute(numbers[number["budget"]], numbers, raw, curves, cache)
+    reached = []
+    for rid in number["run_ids"]:
+        per_step, _ = _x_of_run(raw, rid, number["x"])
+        key = number["curve_key"]
+        pts = curves.filter((run_ids(curves) == rid) & pl.col(key).is_not_null()).sort("step")
+        pts = pts.filter(pl.col("step") * per_step <= budget * (1 + 1e-9))
+        reached.append(pts.get_column(key)[-1])
+    return reached
+
+
+def sample(number: dict, numbers: dict, raw, curves, cache) -> list[float]:
+    """The per-run values behind a mean: the runs its filter selects, or curves read at its budget."""
+    if number["op"] == "at_budget":
+        return _at_budget_values(number, numbers, raw, curves, cache)
+    assert number["op"] == "mean", number["name"]
+    rows = select(raw, number["filter"])
+    return rows.get_column(col(raw, number["column"])).drop_nulls().to_list()
+
+
+def _t(level: float, df: float) -> float:
+    return float(sps.t.ppf(0.5 + level / 2, df))
+
+
+def _cut(value: float, bounds) -> float:
+    if bounds is None:
+        return value
+    lo, hi = bounds[0], math.inf if bounds[1] is None else bounds[1]
+    return min(max(value, lo), hi)
+
+
+def _chance(rows: pl.DataFrame, source: str, metric: str) -> float:
+    values = set(rows.get_column(col(rows, source)).to_list())
+    assert len(values) == 1, values
+    v = values.pop()
+    if source == "task.vocab_size":
+        n_values = v - v // 2
+        return 1 / n_values if "accuracy" in metric else math.log(n_values)
+    return float(v)
+
+
+def _threshold(chance: float, margin: float, metric: str) -> float:
+    return chance + margin * (1 - chance) if "accuracy" in metric else (1 - margin) * chance
+
+
 def recompute(number: dict, numbers: dict, raw: pl.DataFrame, curves: pl.DataFrame, cache: dict) -> float:
     name = number["name"]
     if name in cache:
         return cache[name]
     op = number["op"]
-    if op in ("mean", "count"):
+    operand = [numbers[o] for o in number["operands"]]
+    if op in ("mean", "count", "state", "state_per_pair", "count_learned"):
         rows = select(raw, number["filter"])
         assert sorted(run_ids(rows).to_list()) == sorted(number["run_ids"]), name
-        values = rows.get_column(col(raw, number["column"]))
-        value = float(values.mean()) if op == "mean" else float(values.n_unique())
+        if op == "mean":
+            value = float(rows.get_column(col(raw, number["column"])).mean())
+        elif op == "count":
+            value = float(rows.get_column(col(raw, number["column"])).n_unique())
+        elif op == "count_learned":
+            limit = recompute(operand[0], numbers, raw, curves, cache)
+            vals = rows.get_column(col(raw, number["column"])).to_list()
+            value = float(sum((v - limit) * number["sign"] > 0 for v in vals))
+        else:
+            per_run = []
+            for row in rows.to_dicts():
+                state = compute.state_elements(_bare(row))
+                per_run.append(
+                    state / row[col(raw, "task.num_kv_pairs")] if op == "state_per_pair" else state
+                )
+            value = sum(per_run) / len(per_run)
     elif op in ("diff", "ratio"):
-        a, b = (recompute(numbers[o], numbers, raw, curves, cache) for o in number["operands"])
+        a, b = (recompute(o, numbers, raw, curves, cache) for o in operand)
         value = number["sign"] * (a - b) if op == "diff" else a / b
     elif op == "corr":
-        vals = [recompute(numbers[o], numbers, raw, curves, cache) for o in number["operands"]]
+        vals = [recompute(o, numbers, raw, curves, cache) for o in operand]
         xs, ys = vals[: len(vals) // 2], vals[len(vals) // 2 :]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-        value = cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+        value = float(sps.pearsonr(xs, ys).statistic)
+    elif op in ("ci_lo", "ci_hi"):
+        vals = sample(operand[0], numbers, raw, curves, cache)
+        n, m = len(vals), sum(vals) / len(vals)
+        half = _t(number["level"], n - 1) * float(sps.tstd(vals)) / math.sqrt(n)
+        value = _cut(m - half if op == "ci_lo" else m + half, number["bounds"])
+    elif op in ("welch_lo", "welch_hi"):
+        a, b = (sample(o, numbers, raw, curves, cache) for o in operand)
+        va, vb = float(sps.tvar(a)) / len(a), float(sps.tvar(b)) / len(b)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        d = number["sign"] * (sum(a) / len(a) - sum(b) / len(b))
+        half = _t(number["level"], df) * math.sqrt(va + vb)
+        value = d - half if op == "welch_lo" else d + half
+    elif op in ("slope", "slope_lo", "slope_hi"):
+        vals = [recompute(o, numbers, raw, curves, cache) for o in operand]
+        xs, ys = [math.log2(x) for x in vals[: len(vals) // 2]], vals[len(vals) // 2 :]
+        fit = sps.linregress(xs, ys)
+        half = _t(number["level"], len(xs) - 2) * fit.stderr
+        value = {"slope": fit.slope, "slope_lo": fit.slope - half, "slope_hi": fit.slope + half}[op]
+    elif op == "r_crit":
+        t = _t(number["level"], number["n"] - 2)
+        value = t / math.sqrt(number["n"] - 2 + t * t)
+    elif op == "chance":
+        value = _chance(select(raw, number["filter"]), number["column"], number["metric"])
+    elif op == "threshold":
+        chance = recompute(operand[0], numbers, raw, curves, cache)
+        value = _threshold(chance, number["margin"], number["metric"])
     elif op == "budget":
         finals = []
         for rid in number["run_ids"]:
@@ -169,15 +282,7 @@ def recompute(number: dict, numbers: dict, raw: pl.DataFrame, curves: pl.DataFra
             finals.append(per_step * steps.get_column("step").max())
         value = min(finals)
     elif op == "at_budget":
-        budget = recompute(numbers[number["budget"]], numbers, raw, curves, cache)
-        reached = []
-        for rid in number["run_ids"]:
-            per_step, _ = _x_of_run(raw, rid, number["x"])
-            pts = curves.filter((run_ids(curves) == rid) & pl.col(number["curve_key"]).is_not_null()).sort(
-                "step"
-            )
-            pts = pts.filter(pl.col("step") * per_step <= budget * (1 + 1e-9))
-            reached.append(pts.get_column(number["curve_key"])[-1])
+        reached = _at_budget_values(number, numbers, raw, curves, cache)
         value = sum(reached) / len(reached)
     else:
         raise AssertionError(f"unknown op {op} in {name}")
@@ -185,27 +290,36 @@ def recompute(number: dict, numbers: dict, raw: pl.DataFrame, curves: pl.DataFra
     return value
 
 
+def _allowed(number: dict) -> set[str]:
+    """Numbers a sentence may print besides computed ones: its filter values, bins of its column, 95%."""
+    out = {number["text"]}
+    for v in number["filter"].values():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.add(f"{v:g}")
+    out |= (
+        set(re.findall(r"\d+", number["column"] or "")) if "recall_gap" in (number["column"] or "") else set()
+    )
+    if number.get("level"):
+        out.add(f"{number['level'] * 100:g}")
+    return out
+
+
 def check_findings(findings: list[dict], raw: pl.DataFrame, curves: pl.DataFrame, html: str) -> None:
     """Every number of every finding recomputed from the tables, and every sentence in the HTML."""
     assert findings
     numbers = {n["name"]: n for f in findings for n in f["numbers"]}
     cache: dict[str, float] = {}
-    kinds = {"diff": "signed", "ratio": "ratio", "corr": "corr", "count": "count"}
     for f in findings:
         for n in f["numbers"]:
             value = recompute(n, numbers, raw, curves, cache)
-            assert math.isclose(value, n["value"], rel_tol=1e-9, abs_tol=1e-12), (
+            assert math.isclose(value, n["value"], rel_tol=1e-7, abs_tol=1e-10), (
                 n["name"],
                 value,
                 n["value"],
             )
-            assert fmt(value, kinds.get(n["op"], "value")) == n["text"], n["name"]
+            assert fmt(value, KINDS.get(n["op"], "value")) == n["text"], n["name"]
         # Every number printed in the sentence is one of its computed numbers or a value it filters on.
-        allowed = {n["text"] for n in f["numbers"]}
-        for n in f["numbers"]:
-            for v in n["filter"].values():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    allowed.add(f"{v:g}")
+        allowed = set().union(*(_allowed(n) for n in f["numbers"]))
         printed = NUMBER.findall(f["text"])
         assert printed, f["text"]
         for token in printed:
@@ -228,17 +342,193 @@ def test_committed_gpu_example_matches_its_tables():
     curves = pl.read_parquet(example / "curves.parquet")  # long, as exported from MLflow: one row per value
     curves = curves.pivot(on="key", index=["run_id", "step"], values="value")
     findings = json.loads((example / "findings.json").read_text())
-    check_findings(findings, raw, curves, (example / "index.html").read_text())
+    html = (example / "index.html").read_text()
+    check_findings(findings, raw, curves, html)
+    # 800 steps: no model learned in every seed at any size, so no model's quality is compared.
+    assert {f["section"] for f in findings} <= {"learned", "throughput"}
+    learned = next(f["text"] for f in findings if f["section"] == "learned")
+    assert "Learned in some seeds only (not compared): Gated DeltaNet at d128 H2 (1 of 2 seeds)" in learned
+    assert "no model's quality is compared" in learned
+    assert "the best model is" not in html and "the help stops" not in html
 
 
-def test_findings_state_the_scale_trend(report):
-    sections = {f.section for f in report.findings}
-    assert {"versus", "metaplasticity", "trend", "throughput", "compute", "prior", "gates"} <= sections
-    trend = [f.text for f in report.findings if f.section == "trend"]
-    assert any(t.startswith("Metaplasticity") for t in trend)
-    assert any("Pearson correlation" in t for t in trend)  # three sizes: a correlation per factor
-    assert any("fraction consolidated" in t for t in trend)
-    assert any("throughput relative to" in t for t in trend)
+def test_runs_at_chance_give_no_comparison(report):
+    """The stored tiny runs never leave chance: the report screens them out and compares nothing."""
+    assert not report.prepared.selected.get_column("learned").any()
+    assert not [f for f in report.findings if f.section in QUALITY_SECTIONS]
+    learned = texts(report, "learned")
+    assert len(learned) == 1 and "Chance is val_accuracy 0.031" in learned[0]
+    assert "no model's quality is compared" in learned[0]
+    assert (
+        "fewer than three" not in report.notes.get("trend", "")
+        and "at least 3 sizes" in report.notes["trend"]
+    )
+    html = report.out.read_text()
+    assert "This report checks the pipeline, not the science" in html
+    assert "none of the 30 runs at the chosen learning rates is clearly above chance" in html
+    assert "the best model is" not in html and "helps at" not in html
+
+
+def test_chance_and_threshold_of_mqar():
+    from reports import chance
+
+    row = {"task.name": "mqar", "task.vocab_size": 512}
+    assert chance.chance_level(row, "val_accuracy") == 1 / 256  # values are tokens [256, 512)
+    assert chance.chance_level({**row, "task.vocab_size": 65}, "val_accuracy") == 1 / 33
+    assert math.isclose(chance.chance_level(row, "val_loss"), math.log(256))
+    assert chance.chance_level({"task.name": "lm"}, "val_loss") is None
+    assert chance.chance_level({"task.name": "lm", "unigram_loss": 3.2}, "val_loss") == 3.2
+    assert chance.threshold(0.0, "val_accuracy") == pytest.approx(chance.LEARNED_MARGIN)
+    assert chance.learned(0.2, chance.threshold(1 / 256, "val_accuracy"), True)
+    assert not chance.learned(0.05, chance.threshold(1 / 256, "val_accuracy"), True)
+
+
+def test_student_t_and_welch_match_scipy():
+    for df in (1, 2, 3.7, 10, 120):
+        assert math.isclose(stats.t_quantile(0.975, df), sps.t.ppf(0.975, df), rel_tol=1e-9)
+    a, b = [0.61, 0.6, 0.62, 0.58], [0.5, 0.55, 0.45]
+    ci = stats.welch_interval(a, b)
+    ref = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert math.isclose(ci.lo, ref.low) and math.isclose(ci.hi, ref.high)
+    assert stats.welch_interval([0.5], b) is None and stats.verdict(None) == "cannot tell"
+    assert stats.mean_interval([0.9, 1.0], bounds=(0.0, 1.0)).hi == 1.0
+
+
+# --------------------------------------------------------------------------- constructed tables
+
+
+def test_synthetic_tables_are_what_their_builder_makes():
+    runs, curves = build_tables()
+    assert_frame_equal(pl.read_parquet(SYNTH / "runs.parquet"), runs)
+    assert_frame_equal(pl.read_parquet(SYNTH / "curves.parquet"), curves)
+
+
+def test_every_number_of_the_synthetic_report_matches_its_tables(synthetic):
+    raw = pl.read_parquet(SYNTH / "runs.parquet")
+    findings = json.loads((synthetic.out.parent / "findings.json").read_text())
+    ops = {n["op"] for f in findings for n in f["numbers"]}
+    assert {"ci_lo", "welch_hi", "slope_lo", "r_crit", "chance", "count_learned", "state", "at_budget"} <= ops
+    check_findings(findings, raw, pl.read_parquet(SYNTH / "curves.parquet"), synthetic.out.read_text())
+
+
+def test_sizes_sort_numerically(synthetic):
+    from reports.tables import size_order
+
+    order = ["d8 H1", "d16 H2", "d32 H4", "d64 H8"]  # as text, d16 < d32 < d64 < d8
+    assert size_order(synthetic.prepared) == order
+    html = synthetic.out.read_text()
+    table = html.split("<h2>Results table</h2>", 1)[1].split("</table>", 1)[0]
+    assert [table.index(f"<td>{s}</td>") for s in order] == sorted(
+        table.index(f"<td>{s}</td>") for s in order
+    )
+    versus = texts(synthetic, "versus")
+    assert [t.split(",", 1)[0] for t in versus] == ["At d16 H2", "At d32 H4", "At d64 H8"]
+    assert "sd</th>" not in html and "None" not in table
+
+
+def test_well_separated_mixers_get_a_verdict(synthetic):
+    meta = texts(synthetic, "metaplasticity")  # Palimpsa against Mamba2: three seeds, small spread
+    assert len(meta) == 3 and all("Palimpsa better by +" in t and "(95% interval [+" in t for t in meta)
+    trend = [t for t in texts(synthetic, "trend") if "Palimpsa-minus-Mamba2" in t]
+    assert len(trend) == 1 and "the gap moves against Palimpsa as size grows" in trend[0]
+
+
+def test_overlapping_intervals_give_cannot_tell(synthetic):
+    versus = texts(synthetic, "versus")  # Palimpsa against Gated DeltaNet: spread as large as the gap
+    assert len(versus) == 3
+    assert all("cannot tell Palimpsa from Gated DeltaNet at 3 and 3 seeds" in t for t in versus)
+    assert all("that includes zero" in t for t in versus)
+    ranking = texts(synthetic, "ranking")
+    assert ranking and all("no single best model" in t for t in ranking)
+    trend = [t for t in texts(synthetic, "trend") if "Palimpsa-minus-Gated DeltaNet" in t]
+    assert "cannot tell whether the gap grows or shrinks" in trend[0]
+
+
+def test_runs_that_did_not_learn_in_every_seed_are_not_compared(synthetic):
+    learned = texts(synthetic, "learned")[0]
+    assert "Learned in some seeds only (not compared): Gated DeltaNet at d8 H1 (2 of 3 seeds)" in learned
+    assert "Learned in no seed (not compared): Mamba2 at d8 H1" in learned
+    used = [
+        n.filter
+        for f in synthetic.findings
+        if f.section in QUALITY_SECTIONS
+        for n in f.numbers
+        if n.op == "mean" and n.column == "val_accuracy"
+    ]
+    assert used and not [u for u in used if u["model.d_model"] == 8 and u["model.mixer.kind"] != "palimpsa"]
+    assert any(u["model.d_model"] == 8 for u in used)  # Palimpsa learned there: it is compared
+
+
+def test_why_names_the_factor_that_tracks_the_gap_with_its_limit(synthetic):
+    why = texts(synthetic, "why")
+    mamba = [t for t in why if "Palimpsa-minus-Mamba2 gap" in t]
+    assert any(
+        t.startswith("Of the measured factors, Palimpsa's memory horizon in tokens tracks") for t in mamba
+    )
+    assert any("these sizes need |r| above 0.997" in t for t in mamba)
+    assert any("state elements per stored pair" in t for t in mamba)
+    assert any("learning-rate sensitivity" in t for t in mamba)
+    assert any("throughput relative to Mamba2" in t for t in mamba)
+    assert any("constant, so it cannot track" in t for t in mamba)  # lr_eff is the same at every size
+    gdn = [t for t in why if "Palimpsa-minus-Gated DeltaNet gap" in t]
+    assert any(t.startswith("No measured factor tracks the Palimpsa-minus-Gated DeltaNet gap") for t in gdn)
+
+
+def test_matched_comparisons_side_by_side(synthetic):
+    matched = texts(synthetic, "matched")
+    for what in ("Equal parameters:", "Equal state:", "Equal training time (", "Equal FLOPs ("):
+        assert any(what in t for t in matched), what
+    # Palimpsa's importance state doubles its state: equal state pairs it with the next size up.
+    assert any(
+        "At d8 H1, against Mamba2. Equal state: Palimpsa at d8 H1" in t and "Mamba2 at d16 H2" in t
+        for t in matched
+    )
+    html = synthetic.out.read_text()
+    side = html.split("Side by side:", 1)[1].split("</table>", 1)[0]
+    assert "equal parameters" in side and "equal FLOPs" in side and "not learned in every seed" in side
+    assert {f.name for f in synthetic.figures if f.has_data} >= {"matched_comparison", "gap_factors"}
+
+
+def test_recall_by_distance_is_drawn_when_logged(synthetic, report):
+    recall = texts(synthetic, "recall")
+    assert len(recall) == 4 and "at distance 1 and" in recall[1] and "at distance 32-63" in recall[1]
+    assert "At the farthest distance both logged (32-63): Palimpsa" in recall[1]
+    fig = next(f for f in synthetic.figures if f.name == "recall_by_distance")
+    assert fig.has_data and "key-to-query distance" in fig.caption
+    absent = next(f for f in report.figures if f.name == "recall_by_distance")
+    assert absent.png is None and absent.silent  # no recall_gap columns: omitted, not listed
+    assert "Recall accuracy against" not in report.out.read_text() and not texts(report, "recall")
+
+
+def test_a_single_seed_gives_cannot_tell_without_an_interval(tmp_path):
+    raw = pl.read_parquet(SYNTH / "runs.parquet").filter(pl.col("cfg.seed") == 0)
+    raw.write_parquet(tmp_path / "runs.parquet")
+    result = build(parse_args(["--runs", str(tmp_path / "runs.parquet"), "--out", str(tmp_path / "r.html")]))
+    compared = [f for f in result.findings if f.section in QUALITY_SECTIONS]
+    assert compared and all("better by" not in f.text and "worse by" not in f.text for f in compared)
+    assert all(
+        "a single seed gives no interval" in f.text for f in compared if f.section in ("versus", "ranking")
+    )
+    assert not {n.op for f in result.findings for n in f.numbers} & {"welch_lo", "ci_lo", "diff", "slope"}
+    assert not texts(result, "trend") and not texts(result, "why")
+    html = (tmp_path / "r.html").read_text()
+    assert "checks the pipeline, not the science" in html and "every model has a single seed" in html
+
+
+def test_html_has_no_markup_from_docstrings(report, synthetic):
+    for result in (report, synthetic):
+        html = result.out.read_text()
+        methods = html.split("<h2>Methods</h2>", 1)[1]
+        assert "Welch" in methods and "Student t" in methods and "closed at least 10%" in methods
+        for markup in ("``", ":data:", ":func:", ":mod:", ":class:", "DESIGN"):
+            assert markup not in html, markup
+
+
+def test_pipeline_check_flag_marks_the_header(tmp_path):
+    out = tmp_path / "r.html"
+    result = build(parse_args(["--runs", str(SYNTH / "runs.parquet"), "--out", str(out), "--pipeline-check"]))
+    assert result.check == ["the workflow marks these runs as a pipeline check (--pipeline-check)"]
+    assert "checks the pipeline, not the science" in out.read_text()
 
 
 # --------------------------------------------------------------------------- missing data and errors
@@ -371,7 +661,7 @@ def test_mlflow_store_and_exported_tables_give_the_same_report(tmp_path):
     ]
     assert captions[0] == captions[1] and "Recurrence implementations:" in captions[0], captions
     assert "palimpsa:" in captions[0].split("Recurrence implementations:")[1], captions[0]
-    assert any(f.section == "versus" for f in from_store.findings)
+    assert [f.section for f in from_store.findings][0] == "learned"
     bad = subprocess.run(
         [
             sys.executable,
