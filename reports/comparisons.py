@@ -252,7 +252,7 @@ def throughput(b: Builder) -> list[Finding]:
                 continue
             c = b.compare(a_row, g_row, f"tps {main}-{gdn}@{size}@{task}", column="tokens_per_second")
             r = b.ratio(c.mean_a, c.mean_b, f"tps {main}/{gdn}@{size}@{task}")
-            verdict = verdict_text(c, main, gdn, better="faster", worse="slower")
+            verdict = verdict_text(c, main, gdn, better="faster", worse="slower", unit=" tokens/s")
             text = (
                 f"{where(task, size, len(tasks))}, {main} trains at {r.text} times {gdn}'s throughput "
                 f"({c.mean_a.text}{interval_text(c.ci_a)} against {c.mean_b.text}{interval_text(c.ci_b)} "

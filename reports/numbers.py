@@ -147,7 +147,7 @@ def comparison_clause(c: Comparison, a_name: str, b_name: str) -> str:
 
 
 def verdict_text(
-    c: Comparison, a_name: str, b_name: str, better: str = "better", worse: str = "worse"
+    c: Comparison, a_name: str, b_name: str, better: str = "better", worse: str = "worse", unit: str = ""
 ) -> str:
     """The verdict clause: a verdict with the 95% interval of the difference, never a bare difference."""
     if c.ci_diff is None:
@@ -157,10 +157,10 @@ def verdict_text(
     if c.verdict == "cannot tell":
         return (
             f"cannot tell {a_name} from {b_name} at {c.n_a.text} and {c.n_b.text} seeds: the difference "
-            f"{c.diff.text} has a {level} interval [{lo.text}, {hi.text}] that includes zero"
+            f"{c.diff.text}{unit} has a {level} interval [{lo.text}, {hi.text}] that includes zero"
         )
     word = better if c.verdict == "better" else worse
-    return f"{a_name} {word} by {c.diff.text} ({level} interval [{lo.text}, {hi.text}])"
+    return f"{a_name} {word} by {c.diff.text}{unit} ({level} interval [{lo.text}, {hi.text}])"
 
 
 class Builder:
