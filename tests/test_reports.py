@@ -350,6 +350,10 @@ def test_committed_gpu_example_matches_its_tables():
     assert "Learned in some seeds only (not compared): Gated DeltaNet at d128 H2 (1 of 2 seeds)" in learned
     assert "no model's quality is compared" in learned
     assert "the best model is" not in html and "the help stops" not in html
+    quoted = " ".join(
+        line[1:].strip() for line in (example / "README.md").read_text().splitlines() if line.startswith(">")
+    )
+    assert all(f["text"] in quoted for f in findings)  # the README quotes the findings verbatim
 
 
 def test_runs_at_chance_give_no_comparison(report):
