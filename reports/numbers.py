@@ -101,10 +101,6 @@ def fmt(value: float, kind: str = "value") -> str:
     return f"{value:.3f}"
 
 
-def plural(n: Number, word: str) -> str:
-    return f"{n.text} {word}{'' if n.value == 1 else 's'}"
-
-
 @dataclass
 class Comparison:
     """``a`` against ``b`` on one column: both means with intervals and the verdict on their difference."""
@@ -160,7 +156,7 @@ def verdict_text(
             f"{c.diff.text}{unit} has a {level} interval [{lo.text}, {hi.text}] that includes zero"
         )
     word = better if c.verdict == "better" else worse
-    return f"{a_name} {word} by {c.diff.text}{unit} ({level} interval [{lo.text}, {hi.text}])"
+    return f"{a_name} {word}: difference {c.diff.text}{unit} ({level} interval [{lo.text}, {hi.text}])"
 
 
 class Builder:

@@ -196,7 +196,7 @@ def why(b: Builder, series: list[GapSeries], n_tasks: int) -> list[Finding]:
         else:
             text = (
                 f"No measured factor tracks the {s.a_label}-minus-{s.b_label} gap{_on(s, n_tasks)} beyond "
-                f"what these sizes can tell from no relation: the largest |r| is {top.label}'s, "
+                f"what these sizes can tell from no relation: the largest |r| is that of {top.label}, "
                 f"{top.r.text}, within {top.r_crit.text}."
             )
         out.append(Finding("why", text, [*top.values, *top.support, *s.gaps, top.r, top.r_crit]))
@@ -205,14 +205,12 @@ def why(b: Builder, series: list[GapSeries], n_tasks: int) -> list[Finding]:
 
 def not_enough(gaps: dict[str, list[Gap]]) -> str | None:
     """Why trends and factors are not stated, or None when at least one series has enough sizes."""
-    counts = {}
-    for label, gs in gaps.items():
+    for gs in gaps.values():
         usable = [g for g in gs if g.comparison.ci_diff is not None]
-        counts[label] = max((sum(g.task == t for g in usable) for t in {g.task for g in usable}), default=0)
-    if any(n >= MIN_SIZES for n in counts.values()):
-        return None
-    pairs = ", ".join(f"{n} with {label}" for label, n in counts.items()) or "none"
+        if any(sum(g.task == t for g in usable) >= MIN_SIZES for t in {g.task for g in usable}):
+            return None
     return (
         f"Not stated: a trend or a factor needs at least {MIN_SIZES} sizes where Palimpsa and the baseline "
-        f"both learned in every seed, with at least two seeds each; the runs have {pairs}."
+        f"both learned in every seed, with at least two seeds each, and no baseline ({', '.join(gaps)}) has "
+        "that many."
     )

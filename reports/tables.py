@@ -80,7 +80,7 @@ class Prepared:
     margin: float = chance.LEARNED_MARGIN
 
     def sign(self) -> float:
-        """+1 when larger metric values are better; turns differences into "better by"."""
+        """+1 when larger metric values are better; orients differences so that positive is better."""
         return 1.0 if self.higher_is_better else -1.0
 
     @property

@@ -363,10 +363,7 @@ def test_runs_at_chance_give_no_comparison(report):
     learned = texts(report, "learned")
     assert len(learned) == 1 and "Chance is val_accuracy 0.031" in learned[0]
     assert "no model's quality is compared" in learned[0]
-    assert (
-        "fewer than three" not in report.notes.get("trend", "")
-        and "at least 3 sizes" in report.notes["trend"]
-    )
+    assert "needs at least 3 sizes" in report.notes["trend"] and report.notes["why"] == report.notes["trend"]
     html = report.out.read_text()
     assert "This report checks the pipeline, not the science" in html
     assert "none of the 30 runs at the chosen learning rates is clearly above chance" in html
@@ -432,7 +429,9 @@ def test_sizes_sort_numerically(synthetic):
 
 def test_well_separated_mixers_get_a_verdict(synthetic):
     meta = texts(synthetic, "metaplasticity")  # Palimpsa against Mamba2: three seeds, small spread
-    assert len(meta) == 3 and all("Palimpsa better by +" in t and "(95% interval [+" in t for t in meta)
+    assert len(meta) == 3 and all(
+        "Palimpsa better: difference +" in t and "(95% interval [+" in t for t in meta
+    )
     trend = [t for t in texts(synthetic, "trend") if "Palimpsa-minus-Mamba2" in t]
     assert len(trend) == 1 and "the gap moves against Palimpsa as size grows" in trend[0]
 
@@ -509,7 +508,7 @@ def test_a_single_seed_gives_cannot_tell_without_an_interval(tmp_path):
     raw.write_parquet(tmp_path / "runs.parquet")
     result = build(parse_args(["--runs", str(tmp_path / "runs.parquet"), "--out", str(tmp_path / "r.html")]))
     compared = [f for f in result.findings if f.section in QUALITY_SECTIONS]
-    assert compared and all("better by" not in f.text and "worse by" not in f.text for f in compared)
+    assert compared and all("better:" not in f.text and "worse:" not in f.text for f in compared)
     assert all(
         "a single seed gives no interval" in f.text for f in compared if f.section in ("versus", "ranking")
     )
