@@ -47,7 +47,8 @@ def test_every_kernel_compiles_for_sm90_with_its_tensor_core_products(tmp_path):
 
 def test_gla_and_delta_rule_walks_compile_for_sm90_with_tensor_core_products(tmp_path):
     """The fused-chunk walks of kernels/gla/chunk.py (simple GLA and, with state-dependent values, the delta
-    rule), forward and backward, at the baselines' head sizes (K = 16, V = 32) and at K = V = 64."""
+    rule) and the delta rule's WY kernels, forward and backward, at the baselines' head sizes (K = 16,
+    V = 32) and at K = V = 64."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     table = tmp_path / "sass.md"
     cmd = [sys.executable, "-m", "kernels.benchmarks.sass_report", "--kernels", "walk", "--shape", "baseline",
@@ -57,7 +58,7 @@ def test_gla_and_delta_rule_walks_compile_for_sm90_with_tensor_core_products(tmp
     head = [c.strip() for c in lines[2].strip("|").split("|")]
     cells = ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])
     rows = [dict(zip(head, r, strict=True)) for r in cells]
-    kernels = {f"walk_{d} {op}" for d in ("fwd", "bwd") for op in ("gla", "delta")}
+    kernels = {f"walk_{d} {op}" for d in ("fwd", "bwd") for op in ("gla", "delta")} | {"wy_fwd", "wy_bwd"}
     want = {(shape, kernel) for shape in ("baseline", "design-1") for kernel in kernels}
     assert {(r["shape"], r["kernel"]) for r in rows} == want
     for row in rows:

@@ -4,7 +4,8 @@
                                              [--kernels palimpsa walk]
 
 Each Triton kernel of the chunked Palimpsa op (``palimpsa``), or of the fused-chunk walk behind simple GLA
-and the delta rule (``walk``, ``kernels/gla/chunk.py``), is compiled for the target (``sm_90`` = H100/H200)
+and the delta rule and of the delta rule's WY pieces (``walk``: ``kernels/gla/chunk.py``,
+``kernels/delta_rule/wy.py``), is compiled for the target (``sm_90`` = H100/H200)
 with the launch constants the op would use for bf16 inputs at that shape, then read back with the
 ``cuobjdump`` that Triton ships. Compilation needs no device, so launch shapes can be compared before a GPU
 is at hand: spills (``stack`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what
@@ -26,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.delta_rule import wy
 from kernels.gla import chunk as walk
 from kernels.palimpsa import chunk
 from kernels.palimpsa.utils import next_pow2
@@ -97,8 +99,8 @@ WALK_FP32 = frozenset({"la", "h0", "hs", "ht", "dht", "dq", "dk", "dwk", "dla", 
 
 
 def walk_launches(shape, chunk_size: int = 64) -> list[tuple[str, object, dict, int, frozenset]]:
-    """(label, kernel, constexprs, num_warps, fp32 pointers) of the GLA and delta-rule walks, as in the host
-    code of kernels/gla/chunk.py."""
+    """(label, kernel, constexprs, num_warps, fp32 pointers) of the GLA and delta-rule walks and of the delta
+    rule's WY pieces, as in the host code of kernels/gla/chunk.py and kernels/delta_rule/wy.py."""
     _, _, H, K, V = shape
     BK, BV = walk._blocks(K, V)
     common = dict(H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, PREC="tf32")
@@ -109,6 +111,10 @@ def walk_launches(shape, chunk_size: int = 64) -> list[tuple[str, object, dict, 
         bwd = {**common, "STATE_VALUES": state_values, "USE_DFINAL": False}
         rows.append((f"walk_fwd {op}", walk._walk_fwd, fwd, walk.NUM_WARPS, fp32))
         rows.append((f"walk_bwd {op}", walk._walk_bwd, bwd, walk.NUM_WARPS, fp32))
+    wy_common = dict(H=H, K=K, V=V, C=chunk_size, BK=BK, BV=max(16, next_pow2(V)), GATED=True, PREC="tf32")
+    wy_fp32 = frozenset({"g", "u", "wk", "du", "dwk", "dg"})
+    rows.append(("wy_fwd", wy._wy_fwd, wy_common, wy.NUM_WARPS, wy_fp32))
+    rows.append(("wy_bwd", wy._wy_bwd, wy_common, wy.NUM_WARPS, wy_fp32))
     return rows
 
 

@@ -6,11 +6,15 @@ Per chunk starting from ``S_0`` the delta rule is the GLA recurrence with values
     U = (I + A)^{-1} diag(beta) V,   W_k = (I + A)^{-1} diag(beta) e^{G} K,
     A = tril_{-1}(diag(beta) (K K^T) * D)
 
-do not depend on the state, so they are computed for every chunk at once in torch (batched products and one
-batched unit-triangular solve, differentiated by autograd), and only the walk over chunks, which carries the
-state, runs in the Triton kernels (forward and backward, with ``dU = dW`` and ``dW_k = -dW S_0`` handed back
-to autograd). The walk's backward gives the gradients of ``q``, ``k``, ``log alpha`` and the initial state
-through the walk; autograd adds those through ``U`` and ``W_k`` (to ``k``, ``v``, ``beta``, ``log alpha``).
+do not depend on the state. Two autograd functions, each a Triton forward and backward:
+
+1. ``kernels/delta_rule/wy.py``: ``U`` and ``W_k`` of every chunk in parallel (one program per chunk and
+   head, the ``[C, C]`` matrices on chip), and their backward to ``k``, ``v``, ``beta`` and ``G``;
+2. ``kernels/gla/chunk.py``: the walk over each sequence's chunks with the state on chip, values
+   ``W = U - W_k S_0^T``; its backward hands ``dU = dW`` and ``dW_k = -dW S_0`` to the first.
+
+Autograd adds the two paths' gradients of ``k`` and ``log alpha``; the chunk-local cumulative sum ``G`` of
+``log alpha`` for the first is a torch ``cumsum`` over a ``[NT, H, C]`` view.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.delta_rule.chunk_torch import wy_pieces
+from kernels.delta_rule.wy import wy_pieces_triton
 from kernels.gla.chunk import ChunkWalkFunction, check_chunk_size, flatten_tokens, layout_for
 from kernels.palimpsa.utils import SequenceLayout
 
@@ -72,15 +76,15 @@ def chunk_delta_rule(
     q, k = flatten_tokens(q), flatten_tokens(k.to(q.dtype))
     la = flatten_tokens(q.new_zeros(B, T, H, dtype=torch.float32) if log_alpha is None else log_alpha.float())
 
-    def chunks(x: Tensor) -> Tensor:
-        if cu_seqlens is None:
-            return _chunk_major_dense(x.float(), B, chunk_size)
-        return chunk_major(x.float(), layout, chunk_size)
-
-    G = None if log_alpha is None else chunks(la).cumsum(-1)
-    U, Wk = wy_pieces(chunks(k), chunks(flatten_tokens(v)), chunks(flatten_tokens(beta)), G)
+    G = None
+    if log_alpha is not None:
+        G = (
+            _chunk_major_dense(la, B, chunk_size)
+            if cu_seqlens is None
+            else chunk_major(la, layout, chunk_size)
+        )
+        G = G.cumsum(-1).contiguous()  # [NT, H, C]
+    U, Wk = wy_pieces_triton(k, flatten_tokens(v), flatten_tokens(beta), G, layout, chunk_size)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    y, ht = ChunkWalkFunction.apply(
-        q, k, U.contiguous(), Wk.contiguous(), la, h0, scale, layout, output_final_state, chunk_size
-    )
+    y, ht = ChunkWalkFunction.apply(q, k, U, Wk, la, h0, scale, layout, output_final_state, chunk_size)
     return y.view(B, T, H, -1), ht
