@@ -39,7 +39,8 @@ the state on chip, every chunk product a tensor-core ``tl.dot``; the state befor
 reading those boundary states back. V blocks are independent rows of the state; the sums over V that ``dq``,
 ``dk``, ``d log alpha`` and ``dW_k`` need are per-block partials that one torch sum finishes (deterministic,
 no atomics). Few and short launches is what matters at the small head sizes of the baselines (K = 16,
-V = 32): two kernels per layer per step, against thousands in a torch loop over chunks.
+V = 32): two kernels per layer per training step (four for the delta rule, with its WY kernels), against
+thousands in a torch loop over chunks.
 """
 
 from __future__ import annotations
