@@ -126,12 +126,22 @@ class PalimpsaLM(nn.Module):
                 bound = up.in_features**-0.5
                 nn.init.uniform_(up.weight, -bound, bound)
 
-    def forward(self, input_ids: Tensor, state: list[Cache] | None = None, return_state: bool = False):
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: list[Cache] | None = None,
+        return_state: bool = False,
+        positions: Tensor | None = None,
+    ):
+        """Logits ``[B, T, vocab]``, or ``[B, S, vocab]`` at ``positions [B, S]`` only (the scored ones: the
+        output head and the loss then cost S/T of the full read-out)."""
         h = self.embed(input_ids)
         new_state = []
         for i, block in enumerate(self.blocks):
             h, cache = block(h, None if state is None else state[i], return_state)
             new_state.append(cache)
+        if positions is not None:
+            h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(self.final_norm(h), head)
         return (logits, new_state) if return_state else logits

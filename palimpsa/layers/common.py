@@ -79,6 +79,13 @@ class ShortConv(nn.Module):
         return y.transpose(1, 2), xp[..., xp.shape[-1] - (self.size - 1) :]
 
 
+def gate_parameter(value: Tensor) -> nn.Parameter:
+    """A gate parameter (A, dt bias, D, prior, scales), marked so weight decay never pulls it to 0."""
+    param = nn.Parameter(value)
+    param._no_weight_decay = True  # read by palimpsa.training.optim.decays
+    return param
+
+
 def inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -115,8 +122,8 @@ class DtGate(nn.Module):
         super().__init__()
         H = cfg.num_heads
         self.w_dt = nn.Linear(d_model, H, bias=cfg.bias)
-        self.dt_bias = nn.Parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max, cfg.forgetting))
-        self.A_log = nn.Parameter(init_a_log(H, cfg.a_init_min, cfg.a_init_max, cfg.forgetting))
+        self.dt_bias = gate_parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max, cfg.forgetting))
+        self.A_log = gate_parameter(init_a_log(H, cfg.a_init_min, cfg.a_init_max, cfg.forgetting))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(dt, log_alpha)``, each ``[B, T, H]``."""
@@ -148,7 +155,7 @@ class MixerShell(nn.Module):
             self.v_conv = ShortConv(H * V, cfg.conv_size)
         self.g_proj = nn.Linear(d_model, H * V, bias=cfg.bias)
         if cfg.d_skip:
-            self.D = nn.Parameter(torch.ones(H))
+            self.D = gate_parameter(torch.ones(H))
         if cfg.output_norm == "head":
             self.o_norm: GatedRMSNorm | FullGatedRMSNorm = GatedRMSNorm(V, norm_eps)
         else:

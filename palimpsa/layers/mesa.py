@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from kernels.mesa import mesa
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import DtGate, MixerShell, map_backend
+from palimpsa.layers.common import DtGate, MixerShell, gate_parameter, map_backend
 
 
 class Mesa(MixerShell):
@@ -21,7 +21,7 @@ class Mesa(MixerShell):
         self.w_beta = nn.Linear(d_model, cfg.num_heads, bias=False)
         ip_log = torch.full((cfg.num_heads,), math.log(cfg.ip))
         if cfg.ip_trainable:
-            self.ip_log = nn.Parameter(ip_log)
+            self.ip_log = gate_parameter(ip_log)
         else:
             self.register_buffer("ip_log", ip_log)
 

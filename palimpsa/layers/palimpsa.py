@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kernels.palimpsa import palimpsa_attn
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import DtGate, MixerShell, inverse_softplus
+from palimpsa.layers.common import DtGate, MixerShell, gate_parameter, inverse_softplus
 
 try:  # single-token decode kernel for GPU inference; optional
     from kernels.palimpsa import fused_recurrent_palimpsa  # type: ignore[attr-defined]
@@ -52,13 +52,13 @@ class _MetaplasticBase(MixerShell):
         H, V = cfg.num_heads, cfg.head_v_dim
         ip_log = torch.full((H,), math.log(cfg.ip))
         if cfg.ip_trainable:
-            self.ip_log = nn.Parameter(ip_log)
+            self.ip_log = gate_parameter(ip_log)
         else:  # a buffer: saved with the model, never handed to the optimizer
             self.register_buffer("ip_log", ip_log)
         self.beta_down = nn.Linear(d_model, cfg.beta_rank, bias=False)
         self.beta_up = nn.Linear(cfg.beta_rank, H * V, bias=False)
         if cfg.plasticity_gain:
-            self.beta_gain = nn.Parameter(torch.zeros(H))
+            self.beta_gain = gate_parameter(torch.zeros(H))
         self.last_variance: Tensor | None = None
 
     @property
@@ -119,10 +119,10 @@ class Palimpsa(_MetaplasticBase):
         H = cfg.num_heads
         if cfg.gates == "official":
             self.dt_gate = DtGate(cfg, d_model)
-            self.b_scale = nn.Parameter(inverse_softplus(torch.full((H,), cfg.b_scale_init)))
+            self.b_scale = gate_parameter(inverse_softplus(torch.full((H,), cfg.b_scale_init)))
         else:
             self.w_gamma = nn.Linear(d_model, H, bias=False)
-            self.logN = nn.Parameter(torch.empty(H).uniform_(-math.log(4), math.log(4)))
+            self.logN = gate_parameter(torch.empty(H).uniform_(-math.log(4), math.log(4)))
         if cfg.gates == "official" or cfg.resolved_numerator == "bs_v":
             self.w_bs = nn.Linear(d_model, H, bias=False)
 
@@ -165,7 +165,7 @@ class MetaMamba2(_MetaplasticBase):
     def __init__(self, cfg: MixerConfig, d_model: int, layer_idx: int, norm_eps: float = 1e-5):
         super().__init__(cfg, d_model, layer_idx, norm_eps)
         self.dt_gate = DtGate(cfg, d_model)
-        self.b_scale = nn.Parameter(inverse_softplus(torch.full((cfg.num_heads,), cfg.b_scale_init)))
+        self.b_scale = gate_parameter(inverse_softplus(torch.full((cfg.num_heads,), cfg.b_scale_init)))
 
     def log_alpha(self, x: Tensor) -> Tensor:
         return self.dt_gate(x)[1]

@@ -38,15 +38,15 @@ def profile_mixer(config: Path, overrides: list[str], mixer: str, steps: int, wa
     cfg = load_config(config, [*overrides, f"model.mixer.kind={mixer}", "tracking.enabled=false"])
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out)
-        batches = trainer.batches()
+        batches = trainer.train_batches.from_step(0)
         device = trainer.device
         for _ in range(warmup):
             trainer.train_step(*next(batches))
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            x, y = next(batches)
-            trainer.train_step(x, y)
+            x, y, positions = next(batches)
+            trainer.train_step(x, y, positions)
         _sync(device)
         step_ms = (time.perf_counter() - start) / steps * 1e3
         tokens = x.numel()
