@@ -1,12 +1,14 @@
-"""Which implementation a baseline op runs on: fla's kernels, our Triton kernels or our torch forms.
+"""Which implementation an op runs on: the one vocabulary of the project, resolved here and only here.
 
-Backends of the ops with an fla kernel (simple GLA / Mamba2, linear attention, (gated) delta rule):
+Every op (Palimpsa, simple GLA / Mamba2, linear attention, (gated) delta rule, Longhorn, Mesa, softmax
+attention) takes the same requests, and every layer records what its request resolved to:
 
 - ``"reference"``: the step-by-step recurrence (float-exact, slow);
-- ``"torch"``: the vectorized chunked torch form (``chunk_torch.py``), any device;
-- ``"triton"``: our fused-chunk Triton kernels (``chunk.py``), CUDA tensors, or CPU tensors under Triton's
-  interpreter (``TRITON_INTERPRET=1``);
-- ``"fla"``: fla's chunk kernels;
+- ``"torch"``: our torch forms, any device (for Palimpsa the faster of its recurrent and chunked forms
+  for the sequence length at hand);
+- ``"triton"``: our Triton kernels (Palimpsa, simple GLA, the delta rules), CUDA tensors, or CPU tensors
+  under Triton's interpreter (``TRITON_INTERPRET=1``);
+- ``"fla"``: fla's chunk kernels (simple GLA, linear attention, the delta rules);
 - ``"auto"``: fla where it is trusted, else ours in Triton on CUDA when triton is installed, else torch.
 
 fla is trusted only where it is importable, the tensors are on CUDA and its kernels give correct gradients
@@ -26,7 +28,9 @@ import re
 import torch
 
 FLA_OPS = frozenset({"simple_gla", "linear_attention", "delta_rule", "gated_delta_rule"})
-TORCH_ONLY_OPS = frozenset({"longhorn", "mesa", "attention", "palimpsa"})
+TRITON_OPS = FLA_OPS | {"palimpsa"}  # ops with Triton kernels of ours
+TORCH_ONLY_OPS = frozenset({"longhorn", "mesa", "attention"})
+OPS = TRITON_OPS | TORCH_ONLY_OPS
 REQUESTS = ("auto", "fla", "triton", "torch", "reference")
 # Ops whose fla chunk backward goes through the gated dq/dk/dg kernel hit by the Hopper miscompile.
 _GATED_FLA_OPS = frozenset({"simple_gla", "linear_attention", "gated_delta_rule"})
@@ -65,8 +69,8 @@ def explain_backend(op: str, device: torch.device | str, requested: str = "auto"
     Raises ``ValueError`` for an unknown op or request and ``BackendError`` when ``"fla"`` or ``"triton"``
     was requested but cannot be used.
     """
-    if op not in FLA_OPS | TORCH_ONLY_OPS:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(FLA_OPS | TORCH_ONLY_OPS)}")
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(OPS)}")
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r} for {op}; expected one of {list(REQUESTS)}")
     device = torch.device(device)
@@ -93,7 +97,7 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
 
 
 def _triton_unusable_reason(op: str, device: torch.device) -> str | None:
-    if op in TORCH_ONLY_OPS:
+    if op not in TRITON_OPS:
         return f"no Triton kernel of ours is used for {op}"
     if not _triton_importable():
         return "triton is not installed"
@@ -103,7 +107,7 @@ def _triton_unusable_reason(op: str, device: torch.device) -> str | None:
 
 
 def _fla_unusable_reason(op: str, device: torch.device) -> str | None:
-    if op in TORCH_ONLY_OPS:
+    if op not in FLA_OPS:
         return f"no fla kernel is used for {op}"
     if device.type != "cuda":
         return f"device is {device.type}, fla needs CUDA"

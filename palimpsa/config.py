@@ -94,7 +94,8 @@ class MixerConfig:
     output_norm: Literal["head", "full"] = "head"
     bias: bool = False  # biases on the shell's projections (q, k, v, gate, dt and output): Mamba2's use_bias
     d_skip: bool = True  # the o + D_h * v skip (Gated DeltaNet has none)
-    backend: Literal["auto", "reference", "triton", "fla"] = "auto"
+    # which implementation runs the recurrence (kernels.backends): auto | reference | torch | triton | fla
+    backend: Literal["auto", "reference", "torch", "triton", "fla"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.kind in MIXER_KINDS, "kind", f"must be one of {list(MIXER_KINDS)}, got {self.kind!r}")

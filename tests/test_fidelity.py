@@ -197,7 +197,9 @@ def test_weight_decay_groups() -> None:
 
 def test_epoch_cosine_equals_cosine_annealing_stepped_per_epoch() -> None:
     epochs, per_epoch, lr = 6, 5, 0.01
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    opt = torch.optim.SGD([param], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     for epoch in range(epochs):
         for i in range(per_epoch):

@@ -38,7 +38,7 @@ def test_every_kind_builds_runs_and_backpropagates(kind):
     for name, p in mixer.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-    assert mixer.backend_name("cpu") == ("palimpsa:torch" if kind in ("palimpsa", "metamamba2") else "torch")
+    assert mixer.backend_name("cpu") == "torch"
 
 
 @pytest.mark.parametrize("gates", ["paper", "official"])

@@ -160,5 +160,5 @@ def test_vocab_size_and_init():
     vocab_sized = [n for n, p in model.named_parameters() if 300 in p.shape]
     assert vocab_sized == ["embed.weight"]
     assert model.num_params() == sum(p.numel() for p in model.parameters())
-    assert model.backends() == {"layer0": "palimpsa:torch", "layer1": "palimpsa:torch"}
+    assert model.backends() == {"layer0": "torch", "layer1": "torch"}
     assert build_model(run_config("gated_deltanet")).backends()["layer1"] == "torch"

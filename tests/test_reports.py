@@ -663,7 +663,7 @@ def test_mlflow_store_and_exported_tables_give_the_same_report(tmp_path):
         for built in (from_store, from_tables)
     ]
     assert captions[0] == captions[1] and "Recurrence implementations:" in captions[0], captions
-    assert "palimpsa:" in captions[0].split("Recurrence implementations:")[1], captions[0]
+    assert "torch" in captions[0].split("Recurrence implementations:")[1], captions[0]
     assert [f.section for f in from_store.findings][0] == "learned"
     bad = subprocess.run(
         [

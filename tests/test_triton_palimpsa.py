@@ -173,15 +173,18 @@ def test_fused_recurrent_prefill_then_decode_equals_the_full_forward():
 
 
 def test_dispatch_rules():
+    """One vocabulary for every op (kernels.backends); the Palimpsa torch form picks itself by length."""
     q = torch.zeros(1, 2, 1, 4)
-    from kernels.palimpsa.ops import resolve_backend
+    from kernels.backends import resolve_backend
+    from kernels.palimpsa.naive import naive_chunk_palimpsa, naive_recurrent_palimpsa
+    from kernels.palimpsa.ops import torch_form
 
-    assert resolve_backend("auto", q.device) == "torch"
-    assert resolve_backend("auto", q.device, seq_len=16) == "reference"
-    assert resolve_backend("auto", q.device, seq_len=4096) == "chunk"
-    assert resolve_backend("triton", q.device) == "triton"
-    with pytest.raises(ValueError, match="unknown Palimpsa backend"):
-        resolve_backend("cuda", q.device)
+    assert resolve_backend("palimpsa", q.device, "auto") == "torch"
+    assert resolve_backend("palimpsa", q.device, "triton") == "triton"  # the interpreter is on here
+    assert torch_form(q.device, 16) is naive_recurrent_palimpsa
+    assert torch_form(q.device, 4096) is naive_chunk_palimpsa
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("palimpsa", q.device, "cuda")
     with pytest.raises(ValueError, match="B == 1"):
         chunk_palimpsa(*(torch.randn(2, 3, 1, 4) for _ in range(4)), torch.zeros(2, 3, 1), 1.0,
                        cu_seqlens=torch.tensor([0, 3]))  # fmt: skip

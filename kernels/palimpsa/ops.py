@@ -1,22 +1,21 @@
 """One entry point for the Palimpsa op: picks the implementation for the device at hand.
 
-``backend``: ``"auto"`` (Triton on CUDA tensors; on CPU the recurrent form for sequences shorter than
-``CPU_CHUNKED_MIN_LEN`` and the chunked torch form for longer ones, whichever is faster), ``"reference"`` (the
-float64-exact recurrence), ``"chunk"`` (the chunked torch form) or ``"triton"`` (the Triton kernels; on CPU
-tensors they run only under ``TRITON_INTERPRET=1``). Triton is imported only when a Triton path is taken, so
-``kernels`` stays importable on machines without it.
+``backend`` is resolved by :func:`kernels.backends.explain_backend`: ``"auto"`` (Triton on CUDA tensors, else
+torch), ``"reference"`` (the float64-exact recurrence), ``"torch"`` (on CPU the recurrent form for sequences
+shorter than ``CPU_CHUNKED_MIN_LEN`` and the chunked torch form for longer ones, whichever is faster; on CUDA
+the chunked form) or ``"triton"`` (the Triton kernels; on CPU tensors they run only under
+``TRITON_INTERPRET=1``). Triton is imported only when a Triton path is taken, so ``kernels`` stays importable
+on machines without it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from kernels.backends import resolve_backend
 from kernels.palimpsa.naive import PalimpsaState, naive_chunk_palimpsa, naive_recurrent_palimpsa
 
-BACKENDS = ("auto", "reference", "chunk", "triton")
 PREFILL_CHUNKED_MIN = 64  # prompts at least this long go through the chunked forward
 # On CPU the step-by-step form wins on short sequences (its per-step state stays in cache), the chunked form
 # on long ones (fewer Python steps). Measured fwd+bwd, one thread: B,T,H,K=V = 32,64,2,32: recurrent 160 ms,
@@ -45,25 +44,11 @@ def _per_sequence(fn, q, k, u, beta, log_alpha, ip, scale, init, output_final_st
     return y, var, final
 
 
-def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None) -> str:
-    """The concrete implementation a request runs on.
-
-    ``"auto"`` on CPU depends on the sequence length; without one it answers ``"torch"`` (one of the two torch
-    forms, picked per call), which is what a layer records before it has seen data.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown Palimpsa backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton"
-        if seq_len is None:
-            return "torch"
-        return "reference" if seq_len < CPU_CHUNKED_MIN_LEN else "chunk"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        )
-    return backend
+def torch_form(device: torch.device, seq_len: int):
+    """The torch form of the recurrence that is faster for this length on this device."""
+    if device.type != "cuda" and seq_len < CPU_CHUNKED_MIN_LEN:
+        return naive_recurrent_palimpsa
+    return naive_chunk_palimpsa
 
 
 def palimpsa_attn(
@@ -85,7 +70,7 @@ def palimpsa_attn(
     ``ip`` is a scalar or a per-head ``[H]`` tensor (gradients flow to it); states are ``(mu, I)`` pairs of
     ``[B, H, V, K]`` fp32 tensors, ``[N, H, V, K]`` with ``cu_seqlens`` (then ``B == 1``).
     """
-    impl = resolve_backend(backend, q.device, q.shape[1])
+    impl = resolve_backend("palimpsa", q.device, backend)
     if impl == "triton":
         from kernels.palimpsa.chunk import chunk_palimpsa
 
@@ -102,7 +87,7 @@ def palimpsa_attn(
             output_variance,
             cu_seqlens,
         )
-    fn = naive_recurrent_palimpsa if impl == "reference" else naive_chunk_palimpsa
+    fn = naive_recurrent_palimpsa if impl == "reference" else torch_form(q.device, q.shape[1])
     if cu_seqlens is not None:
         return _per_sequence(
             fn,
@@ -139,10 +124,10 @@ def fused_recurrent_palimpsa(
 
     Short inputs (decode) run the fused recurrent kernel; long prompts run the chunked forward.
     """
-    impl = resolve_backend(backend, q.device, q.shape[1])
+    impl = resolve_backend("palimpsa", q.device, backend)
     B, T, H, K = q.shape
     if impl != "triton":
-        fn = naive_recurrent_palimpsa if impl == "reference" else naive_chunk_palimpsa
+        fn = naive_recurrent_palimpsa if impl == "reference" else torch_form(q.device, T)
         return fn(q, k, u, beta, log_alpha, ip, scale, initial_state, output_final_state, output_variance)
     scale = K**-0.5 if scale is None else float(scale)
     if T >= PREFILL_CHUNKED_MIN:

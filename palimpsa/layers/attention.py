@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.attention import attention
+from kernels.backends import resolve_backend
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import Cache, map_backend
+from palimpsa.layers.common import Cache
 
 ROPE_BASE = 10000.0
 
@@ -44,9 +45,7 @@ class Attention(nn.Module):
         self.o_proj.is_residual_out = True
 
     def backend_name(self, device: torch.device | str) -> str:
-        from kernels.backends import resolve_backend
-
-        return resolve_backend(self.op_name, device, map_backend(self.cfg.backend))
+        return resolve_backend(self.op_name, device, self.cfg.backend)
 
     def forward(self, x: Tensor, cache: Cache | None = None, use_cache: bool = False):
         B, T, _ = x.shape
@@ -56,7 +55,7 @@ class Attention(nn.Module):
         k = rotary(self.k_proj(x).view(B, T, H, K), start)
         v = self.v_proj(x).view(B, T, H, V)
         if cache is None:
-            o, _ = attention(q, k, v, backend=map_backend(self.cfg.backend))
+            o, _ = attention(q, k, v, backend=self.cfg.backend)
             k_all, v_all = k, v
         else:
             k_all = torch.cat([cache["k"].to(k.dtype), k], dim=1)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.backends import resolve_backend
 from palimpsa.config import MixerConfig
 
 Cache = dict[str, Any]  # a mixer's generation cache: conv tails and recurrent state (or KV cache)
@@ -26,11 +27,6 @@ L2_EPS = 1e-6
 def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
     """Unit-norm keys/queries keep ``k (x) k`` and the delta-rule steps bounded."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
-def map_backend(requested: str) -> str:
-    """MixerConfig.backend -> the request understood by the baseline ops (which know fla, not 'triton')."""
-    return "fla" if requested == "triton" else requested
 
 
 class RMSNorm(nn.Module):
@@ -138,7 +134,7 @@ class MixerShell(nn.Module):
     the recurrent state that ``core`` returns, so prefill-then-step equals one full forward.
     """
 
-    op_name = "simple_gla"  # the kernels.backends op that decides fla vs torch
+    op_name = "simple_gla"  # the kernels.backends op whose implementation the config's backend picks
 
     def __init__(self, cfg: MixerConfig, d_model: int, layer_idx: int, norm_eps: float = 1e-5):
         super().__init__()
@@ -192,9 +188,7 @@ class MixerShell(nn.Module):
         return self.o_proj(o.reshape(B, T, H * V))
 
     def backend_name(self, device: torch.device | str) -> str:
-        from kernels.backends import resolve_backend
-
-        return resolve_backend(self.op_name, device, map_backend(self.cfg.backend))
+        return resolve_backend(self.op_name, device, self.cfg.backend)
 
     # ----------------------------------------------------------------- API
     def core(

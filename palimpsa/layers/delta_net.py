@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kernels.delta_rule import delta_rule
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import DtGate, MixerShell, map_backend
+from palimpsa.layers.common import DtGate, MixerShell
 
 
 class DeltaNet(MixerShell):
@@ -28,7 +28,7 @@ class DeltaNet(MixerShell):
         beta = torch.sigmoid(self.w_beta(x))
         return delta_rule(
             q, k, v, beta, self.log_alpha(x), self.scale, initial_state=state,
-            output_final_state=output_final_state, backend=map_backend(self.cfg.backend),
+            output_final_state=output_final_state, backend=self.cfg.backend,
         )  # fmt: skip
 
     def log_alpha(self, x: Tensor) -> Tensor | None:

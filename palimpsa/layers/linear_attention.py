@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kernels.gla import linear_attention
-from palimpsa.layers.common import MixerShell, map_backend
+from palimpsa.layers.common import MixerShell
 
 
 class LinearAttention(MixerShell):
@@ -12,5 +12,5 @@ class LinearAttention(MixerShell):
     def core(self, x, q, k, v, state, output_final_state):
         return linear_attention(
             q, k, v, self.scale, initial_state=state, output_final_state=output_final_state,
-            backend=map_backend(self.cfg.backend),
+            backend=self.cfg.backend,
         )  # fmt: skip

@@ -7,7 +7,7 @@ from torch import nn
 
 from kernels.longhorn import longhorn
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import MixerShell, map_backend
+from palimpsa.layers.common import MixerShell
 
 
 class Longhorn(MixerShell):
@@ -22,5 +22,5 @@ class Longhorn(MixerShell):
         beta = torch.sigmoid(self.w_beta(x)).view(B, T, H, V)
         return longhorn(
             q, k, v, beta, self.scale, initial_state=state, output_final_state=output_final_state,
-            backend=map_backend(self.cfg.backend),
+            backend=self.cfg.backend,
         )  # fmt: skip

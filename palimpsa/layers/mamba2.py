@@ -11,7 +11,7 @@ from torch import Tensor
 
 from kernels.gla import simple_gla
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import DtGate, MixerShell, map_backend
+from palimpsa.layers.common import DtGate, MixerShell
 
 
 class Mamba2(MixerShell):
@@ -26,7 +26,7 @@ class Mamba2(MixerShell):
         u = dt[..., None] * v
         return simple_gla(
             q, k, u, log_alpha, self.scale, initial_state=state, output_final_state=output_final_state,
-            backend=map_backend(self.cfg.backend),
+            backend=self.cfg.backend,
         )  # fmt: skip
 
     def log_alpha(self, x: Tensor) -> Tensor:

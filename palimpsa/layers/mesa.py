@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from kernels.mesa import mesa
 from palimpsa.config import MixerConfig
-from palimpsa.layers.common import DtGate, MixerShell, gate_parameter, map_backend
+from palimpsa.layers.common import DtGate, MixerShell, gate_parameter
 
 
 class Mesa(MixerShell):
@@ -29,7 +29,7 @@ class Mesa(MixerShell):
         beta = torch.sigmoid(self.w_beta(x))
         return mesa(
             q, k, v, beta, self.log_alpha(x), self.ip_log.exp(), self.scale, initial_state=state,
-            output_final_state=output_final_state, backend=map_backend(self.cfg.backend),
+            output_final_state=output_final_state, backend=self.cfg.backend,
         )  # fmt: skip
 
     def log_alpha(self, x: Tensor) -> Tensor:

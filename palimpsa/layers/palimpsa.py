@@ -21,14 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.palimpsa import palimpsa_attn
+from kernels.palimpsa import fused_recurrent_palimpsa, palimpsa_attn
 from palimpsa.config import MixerConfig
 from palimpsa.layers.common import DtGate, MixerShell, gate_parameter, inverse_softplus
-
-try:  # single-token decode kernel for GPU inference; optional
-    from kernels.palimpsa import fused_recurrent_palimpsa  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the kernels present
-    fused_recurrent_palimpsa = None
 
 ALPHA_FLOOR = 1e-6  # paper gates: alpha >= this, so log alpha stays finite
 
@@ -80,16 +75,9 @@ class _MetaplasticBase(MixerShell):
         """``u [B,T,H,V]``, ``beta [B,T,H,V]``, ``log_alpha [B,T,H]``."""
         raise NotImplementedError
 
-    def backend_name(self, device: torch.device | str) -> str:
-        """``palimpsa:<impl>`` with the implementation the op resolves to (triton, chunk or reference)."""
-        from kernels.palimpsa.ops import resolve_backend
-
-        return f"palimpsa:{resolve_backend(self.cfg.backend, torch.device(device))}"
-
     def core(self, x, q, k, v, state, output_final_state):
         r = self.recurrence_inputs(x, v)
-        decode = fused_recurrent_palimpsa is not None and q.is_cuda and state is not None
-        if decode and not torch.is_grad_enabled():
+        if q.is_cuda and state is not None and not torch.is_grad_enabled():  # prefill or decode
             y, var, final = fused_recurrent_palimpsa(
                 q, k, r["u"], r["beta"], r["log_alpha"], self.ip, self.scale, initial_state=state,
                 output_final_state=output_final_state, output_variance=self.cfg.output_variance,
