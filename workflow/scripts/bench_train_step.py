@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def sync() -> None:
 
 
 def mps_running() -> bool:
-    found = subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-control"], capture_output=True, text=True)
-    return found.returncode == 0
+    """The MPS control daemon is up when its control pipe exists."""
+    return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").exists()
 
 
 def alone(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
