@@ -4,9 +4,12 @@ A study spec (``ablations/tune-*.yaml``) names a base run config, dotted overrid
 search space (``dotted.key: {type: float|int|categorical, low, high, log, step, choices}``). Several
 workers (processes, Snakemake jobs, machines sharing a file system) run trials on one storage until the
 study's queue is empty; the default storage is a journal file, safe for parallel writers without a
-database server, and any database URL works too. The init stage queues exactly ``n_trials`` trials and a
-worker only ever claims a queued one (an atomic state change in every storage), so parallel workers
-neither lose nor add trials. Each trial trains through
+database server, and any database URL works too (with heartbeats: a trial whose worker stops beating is
+failed and retried once). The init stage queues exactly ``n_trials`` trials; workers take them with
+Optuna's public ``study.optimize(n_trials=1)``, which claims a queued trial first (an atomic state change in
+every storage). A worker that finds the queue empty at the very moment another takes the last trial gets a
+fresh trial instead: it is marked ``palimpsa.surplus`` and pruned at once, never trained, and not counted.
+Each trial trains through
 :func:`palimpsa.training.train` with an ``on_eval`` hook that reports the validation metric and raises
 :class:`optuna.TrialPruned` when the pruner says so; each trial is an MLflow run nested under one study
 run. The best trial's parameters land in ``best.yaml`` as dotted overrides that a grid can reference with
@@ -16,12 +19,12 @@ run. The best trial's parameters land in ``best.yaml`` as dotted overrides that 
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import math
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,10 @@ from palimpsa.io import YamlFileError, read_yaml, yaml_load
 log = optuna.logging.get_logger("optuna.palimpsa")  # optuna's handler: lines in the worker log
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
-COUNTED_STATES = (
-    optuna.trial.TrialState.COMPLETE,
-    optuna.trial.TrialState.PRUNED,
-    optuna.trial.TrialState.FAIL,
-)
+QUEUED = "palimpsa.queued"  # user attr of the trials the init stage (or a retirement) queued
+REPLACES = "palimpsa.replaces"  # number of the trial a queued replacement stands in for
+SURPLUS = "palimpsa.surplus"  # a fresh trial taken while the queue emptied: pruned untrained
+HEARTBEAT_S, GRACE_S = 60, 300  # database storages: beat every minute, fail after five silent minutes
 
 
 @dataclass
@@ -153,7 +155,14 @@ def make_storage(storage: str | None, out_dir: str | Path) -> Any:
 
     if storage and "://" in storage:
         kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-        return RDBStorage(storage, engine_kwargs=kwargs)
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)  # copies the trial, attrs included
+        return RDBStorage(
+            storage,
+            engine_kwargs=kwargs,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            failed_trial_callback=retry,
+        )
     path = Path(storage) if storage else Path(out_dir) / "optuna.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     # An open(O_EXCL) lock file works on local disks and network file systems alike.
@@ -294,66 +303,56 @@ def _alive(host: str | None, pid: int | None) -> bool:
     return True
 
 
-def _held(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: queued, running or finished, minus retired ones."""
-    live = (*COUNTED_STATES, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    return sum(t.state in live and not t.user_attrs.get("stale") for t in study.get_trials(deepcopy=False))
+def _queue(study: optuna.Study, count: int, replaces: int | None = None) -> None:
+    """Queue ``count`` empty trials (the sampler fills their parameters when a worker takes them)."""
+    attrs: dict[str, Any] = {QUEUED: True} if replaces is None else {QUEUED: True, REPLACES: replaces}
+    for _ in range(count):
+        study.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
+
+
+def _replaced(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the trials another one stands in for: retired here, or retried after a missed heartbeat."""
+    retry = optuna.storages.RetryFailedTrialCallback
+    out = {t.user_attrs[REPLACES] for t in trials if REPLACES in t.user_attrs}
+    with warnings.catch_warnings():  # a public helper Optuna still labels experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return out | {n for t in trials if (n := retry.retried_trial_number(t)) is not None}
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The study's own trials: queued ones that nothing replaced (surplus and replaced trials left out)."""
+    replaced = _replaced(trials)
+    return [t for t in trials if t.user_attrs.get(QUEUED) and t.number not in replaced]
 
 
 def _queue_missing(study: optuna.Study, total: int) -> int:
-    """Queue empty trials (the sampler fills their parameters when claimed) up to ``total``."""
-    missing = max(0, total - _held(study))
-    for _ in range(missing):
-        study.enqueue_trial({}, skip_if_exists=False)
+    """Queue trials until ``total`` count towards the study."""
+    missing = max(0, total - len(counted(study.get_trials(deepcopy=False))))
+    _queue(study, missing)
     return missing
 
 
-def _retire(study: optuna.Study, trial_id: int) -> bool:
-    """Fail a trial whose worker is gone and queue a replacement, once even if several workers try.
-
-    The FAIL is a compare-and-set in every storage: only the worker that wins it queues the replacement.
-    """
-    storage = study._storage
+def _retire(study: optuna.Study, number: int) -> bool:
+    """Fail a trial whose worker is gone and queue one replacement, once even if several workers try: the
+    FAIL is a compare-and-set in every storage, and only the worker that wins it queues."""
     try:
-        storage.set_trial_user_attr(trial_id, "stale", True)
-        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
         return False
-    study.enqueue_trial({}, skip_if_exists=False)
+    _queue(study, 1, replaces=number)
     return True
 
 
 def _retire_stale_trials(study: optuna.Study) -> None:
-    """A worker killed mid-trial leaves it RUNNING forever; retire those of dead local processes."""
+    """A worker killed mid-trial leaves it RUNNING forever; retire those of dead local processes (database
+    storages also fail trials whose heartbeat stopped, on any machine)."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _alive(t.user_attrs.get("host"), t.user_attrs.get("pid")):
-            _retire(study, t._trial_id)
+            _retire(study, t.number)
 
 
-def _claim(study: optuna.Study) -> optuna.Trial | None:
-    """The next queued trial, now RUNNING and ours; None when the queue is empty (never a new trial)."""
-    trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
-
-
-def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Any) -> str:
-    """Run one claimed trial and record its end state; an interrupt hands it back to the queue."""
-    try:
-        value = objective(trial)
-    except optuna.TrialPruned:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return "PRUNED"
-    except Exception as err:
-        log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err, exc_info=True)
-        trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return "FAIL"
-    except BaseException:
-        _retire(study, trial._trial_id)
-        raise
-    study.tell(trial, value)
-    log.info("trial %d finished: %s", trial.number, value)
-    return "COMPLETE"
+def _waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def make_objective(
@@ -404,7 +403,9 @@ def make_objective(
         try:
             result = train(cfg, run_dir, data_dir=data_dir, progress=False, on_eval=on_eval)
         except Pruned as err:
+            _tag_run(tracking_uri, run_dir, "PRUNED")
             raise optuna.TrialPruned(str(err)) from None
+        _tag_run(tracking_uri, run_dir, "COMPLETE")
         if result.get("mlflow_run_id"):
             trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
         status = str(result.get("status", "FINISHED")).upper()
@@ -416,6 +417,18 @@ def make_objective(
     return objective
 
 
+def _tag_run(tracking_uri: str | None, run_dir: Path, state: str) -> None:
+    """Tag the trial's MLflow run with its Optuna state, so the UI can filter pruned trials
+    (``tags.optuna.state = 'PRUNED'``); nothing when the trial was not tracked."""
+    from palimpsa.training.files import read_run_id
+
+    run_id = read_run_id(run_dir)
+    if run_id:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri or _default_tracking_uri()).set_tag(run_id, "optuna.state", state)
+
+
 def run_worker(
     spec: TuneSpec,
     storage: Any,
@@ -425,9 +438,10 @@ def run_worker(
     tracking_uri: str | None = None,
     data_dir: str | Path | None = None,
 ) -> dict[str, int]:
-    """Claim queued trials until none is left (:func:`init_study` queued them); return my tally.
+    """Take queued trials until none is left (:func:`init_study` queued them); return my tally.
 
-    ``n_trials`` caps how many trials this worker runs (None: as many as it can claim).
+    ``n_trials`` caps how many trials this worker runs (None: as many as it can take). An interrupt fails
+    the trial in hand (Optuna does that) and queues its replacement before it propagates.
     """
     out_dir = Path(out_dir)
     study = open_study(spec, storage)
@@ -435,12 +449,32 @@ def run_worker(
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     objective = make_objective(spec, out_dir, parent, track, tracking_uri, data_dir)
     mine: dict[str, int] = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    while n_trials is None or sum(mine.values()) < n_trials:
-        trial = _claim(study)
-        if trial is None:
+    taken: list[int] = []
+
+    def queued_only(trial: optuna.Trial) -> float:
+        taken.append(trial.number)
+        if not trial.user_attrs.get(QUEUED):
+            trial.set_user_attr(SURPLUS, True)
+            raise optuna.TrialPruned("surplus: the queue was empty when this trial was taken")
+        try:
+            return objective(trial)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+    while (n_trials is None or sum(mine.values()) < n_trials) and _waiting(study):
+        try:
+            study.optimize(queued_only, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        except KeyboardInterrupt:
+            if taken:
+                _queue(study, 1, replaces=taken[-1])
+            raise
+        trial = study.get_trials(deepcopy=False)[taken[-1]]
+        if trial.user_attrs.get(SURPLUS):
             break
-        mine[_run_trial(study, trial, objective)] += 1
-        gc.collect()
+        mine[trial.state.name] += 1
     return mine
 
 
@@ -452,8 +486,9 @@ def write_best(spec: TuneSpec, storage: Any, out_dir: str | Path, tracking_uri: 
     out_dir = Path(out_dir)
     study = open_study(spec, storage, create=False)
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    own = counted(trials)
+    counts = {s.name.lower(): sum(t.state == s for t in own) for s in optuna.trial.TrialState}
+    complete = [t for t in own if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise GridError(
             "", f"study {spec.name!r} has no complete trial ({counts}); see the trial logs", out_dir
@@ -478,15 +513,50 @@ def write_best(spec: TuneSpec, storage: Any, out_dir: str | Path, tracking_uri: 
     _write_trials_table(study, spec, out_dir)
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     if parent:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
-        client.log_metric(parent, f"best_{spec.metric}", float(best.value))
-        for key, value in overrides.items():
-            client.set_tag(parent, f"best.{key}", str(value))
-        for state, count in counts.items():
-            client.log_metric(parent, f"trials_{state}", count)
+        _summarise_parent(parent, study, spec, best_doc, out_dir, tracking_uri)
     return best_doc
+
+
+def _summarise_parent(
+    parent: str, study: optuna.Study, spec: TuneSpec, best: dict, out_dir: Path, tracking_uri: str | None
+) -> None:
+    """The study's MLflow run carries its result: best value and parameters, trial counts, best.yaml, the
+    trials table and a parameter-importance figure (fANOVA over the complete trials, when two or more)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
+    client.log_metric(parent, f"best_{spec.metric}", best["value"])
+    for key, value in best["overrides"].items():
+        client.set_tag(parent, f"best.{key}", str(value))
+    for state, count in best["trials"].items():
+        client.log_metric(parent, f"trials_{state}", count)
+    for name in ("best.yaml", "trials.parquet"):
+        client.log_artifact(parent, str(out_dir / name))
+    figure = _importance_figure(study, spec, out_dir)
+    if figure is not None:
+        client.log_artifact(parent, str(figure))
+
+
+def _importance_figure(study: optuna.Study, spec: TuneSpec, out_dir: Path) -> Path | None:
+    complete = [t for t in counted(study.trials) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        importance = optuna.importance.get_param_importances(study, params=list(spec.space))
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importance)), layout="constrained")
+    names = list(importance)[::-1]
+    ax.barh(names, [importance[n] for n in names], color="#4c72b0")
+    ax.set_xlabel(f"fANOVA importance for {spec.metric} ({len(complete)} complete trials)")
+    path = out_dir / "importance.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _write_trials_table(study: optuna.Study, spec: TuneSpec, out_dir: Path) -> None:

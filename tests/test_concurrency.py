@@ -76,7 +76,7 @@ def test_parallel_training_jobs_share_one_fresh_sqlite_store(tmp_path: Path) -> 
 def test_parallel_optuna_workers_run_exactly_the_requested_trials(tmp_path: Path) -> None:
     import optuna
 
-    from palimpsa.tuning import make_storage
+    from palimpsa.tuning import SURPLUS, counted, make_storage
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     base = {**TINY, "train": {**TINY["train"], "max_steps": 8, "eval_every": 4}}
@@ -110,9 +110,11 @@ def test_parallel_optuna_workers_run_exactly_the_requested_trials(tmp_path: Path
     assert [w.returncode for w in workers] == [0] * WORKERS, "\n".join(e[-2000:] for e in errors)
 
     study = optuna.load_study(study_name="tune-conc", storage=make_storage(None, out))
-    numbers = sorted(t.number for t in study.trials)
+    own = counted(study.trials)  # a surplus trial (taken as the queue emptied) is pruned untrained
+    numbers = sorted(t.number for t in own)
     assert numbers == list(range(TRIALS)), "lost, extra or duplicated trials"
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in own)
+    assert all(t.user_attrs.get(SURPLUS) and t.state.name == "PRUNED" for t in study.trials if t not in own)
     tallies = [yaml.safe_load((out / f"w{i}.json").read_text()) for i in range(WORKERS)]
     assert sum(t["COMPLETE"] for t in tallies) == TRIALS
     assert sum(1 for t in tallies if t["COMPLETE"]) >= 2, "the work was shared"
@@ -124,7 +126,7 @@ def test_parallel_optuna_workers_run_exactly_the_requested_trials(tmp_path: Path
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent[0].info.run_id}
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == numbers
     assert all(r.info.status == "FINISHED" for r in trials)
-    by_run = {t.user_attrs["mlflow_run_id"]: t.number for t in study.trials}
+    by_run = {t.user_attrs["mlflow_run_id"]: t.number for t in own}
     assert {r.info.run_id: int(r.data.tags["optuna.trial"]) for r in trials} == by_run
 
 
@@ -134,7 +136,7 @@ def test_a_dead_workers_trial_is_replaced_exactly_once(tmp_path: Path) -> None:
     import optuna
 
     from palimpsa.tuning import (
-        _claim,
+        REPLACES,
         _retire_stale_trials,
         init_study,
         load_tune_spec,
@@ -164,7 +166,7 @@ def test_a_dead_workers_trial_is_replaced_exactly_once(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    trial = _claim(study)  # a worker claimed it, then died without a word
+    trial = study.ask()  # a worker took a queued trial, then died without a word
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", int(dead.stdout))
     for _ in range(2):  # two workers find the orphan: one retires it and queues one replacement
@@ -173,4 +175,5 @@ def test_a_dead_workers_trial_is_replaced_exactly_once(tmp_path: Path) -> None:
     assert tally == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 0}
     trials = optuna.load_study(study_name=spec.name, storage=make_storage(None, out)).trials
     states = sorted(t.state.name for t in trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL"] and trials[trial.number].user_attrs["stale"] is True
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"] and trials[trial.number].state.name == "FAIL"
+    assert [t.user_attrs.get(REPLACES) for t in trials] == [None, None, trial.number]  # one replacement

@@ -14,7 +14,15 @@ import yaml
 from tiny import tiny_config
 
 from palimpsa.grid import GridError, load_grid
-from palimpsa.tuning import init_study, load_tune_spec, make_objective, make_storage, run_study, write_best
+from palimpsa.tuning import (
+    init_study,
+    load_tune_spec,
+    make_objective,
+    make_storage,
+    run_study,
+    run_worker,
+    write_best,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,8 +110,31 @@ def test_pruned_trial_stops_training_and_its_run_is_killed(tmp_path: Path) -> No
     exp = client.get_experiment_by_name(spec.experiment)
     runs = {r.data.tags.get("palimpsa.role"): r for r in client.search_runs([exp.experiment_id])}
     assert runs["trial"].info.status == "KILLED"
+    assert runs["trial"].data.tags["optuna.state"] == "PRUNED"  # the UI filters pruned trials by this tag
     assert runs["trial"].data.tags["mlflow.parentRunId"] == info["mlflow_parent_run_id"]
     assert runs["study"].info.run_id == info["mlflow_parent_run_id"]
+
+
+def test_study_parent_run_carries_the_result(tmp_path: Path) -> None:
+    """best.yaml, the trials table and the importance figure land on the study's MLflow run."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = load_tune_spec(spec_file(tmp_path, n_trials=3, pruner={"kind": "none"}))
+    out = tmp_path / "out"
+    storage = make_storage(None, out)
+    info = init_study(spec, storage, out, track=True, tracking_uri=uri)
+    run_worker(spec, storage, out, track=True, tracking_uri=uri, data_dir=tmp_path / "data")
+    best = write_best(spec, storage, out, tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(info["mlflow_parent_run_id"])
+    assert parent.data.metrics[f"best_{spec.metric}"] == pytest.approx(best["value"])
+    assert parent.data.metrics["trials_complete"] == 3
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "best.yaml", "trials.parquet", "importance.png"
+    }  # fmt: skip
+    trials = client.search_runs([parent.info.experiment_id], "tags.`palimpsa.role` = 'trial'")
+    assert {r.data.tags["optuna.state"] for r in trials} == {"COMPLETE"}
 
 
 def test_run_study_writes_best_that_a_grid_can_use(tmp_path: Path) -> None:
