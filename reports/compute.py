@@ -13,7 +13,7 @@ from typing import Any
 # Multiply-adds of the sequence mixer per state element per token in the forward pass.
 # Gated linear recurrence (Mamba2, linear attention): decay + outer-product update (3), read-out (2).
 # Palimpsa / MetaMamba2 with metaplasticity: M update (3), Ibar update (4: beta * k^2, decay, add),
-# division by I (1), read-out (2) = 10 (DESIGN §4 counts ~8 for the bare forward; we include the
+# division by I (1), read-out (2) = 10 (~8 for the bare forward; we include the
 # prior term). Delta rule: S^T k read (2), rank-1 correction (3), read-out (2) = 7.
 STATE_FLOPS_PER_ELEMENT = {
     "palimpsa": 10.0,

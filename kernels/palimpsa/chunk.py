@@ -1,4 +1,4 @@
-"""Chunked Triton forward and backward of the Palimpsa recurrence (DESIGN §1).
+"""Chunked Triton forward and backward of the Palimpsa recurrence (math and notation: README.md here).
 
 Sequences are flattened to ``[1, total_T, H, D]`` and cut into chunks of ``C`` tokens (fla's varlen
 convention; a plain batch is ``B`` sequences of ``T``). Only chunk-boundary states reach device memory.

@@ -1,4 +1,4 @@
-"""Step-by-step reference of the Palimpsa recurrence (DESIGN §1), exact in float64.
+"""Step-by-step reference of the Palimpsa recurrence (math: README.md here), exact in float64.
 
 Layout follows fla: tokens are ``[B, T, H, D]`` and states are ``[B, H, V, K]``.
 This is the ground truth every faster form is tested against, so it favours clarity

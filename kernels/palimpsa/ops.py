@@ -65,7 +65,8 @@ def palimpsa_attn(
     cu_seqlens: Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None, PalimpsaState | None]:
-    """Palimpsa recurrence (DESIGN §1) on ``[B, T, H, D]`` tensors; see ``naive_recurrent_palimpsa``.
+    """Palimpsa recurrence (``kernels/palimpsa/README.md``) on ``[B, T, H, D]`` tensors, as
+    ``naive_recurrent_palimpsa``.
 
     ``ip`` is a scalar or a per-head ``[H]`` tensor (gradients flow to it); states are ``(mu, I)`` pairs of
     ``[B, H, V, K]`` fp32 tensors, ``[N, H, V, K]`` with ``cu_seqlens`` (then ``B == 1``).

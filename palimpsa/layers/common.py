@@ -1,6 +1,6 @@
 """Pieces shared by every mixer: short conv, norms, gate initialisers and the layer shell around a recurrence.
 
-The shell (DESIGN §1) is the same for every fixed-memory member of the family, so that an ablation changes
+The shell is the same for every fixed-memory member of the family, so that an ablation changes
 only the recurrence: ``q, k = L2norm(SiLU(ShortConv(W x)))`` (the Mamba2 pair skips the L2 norm, as Mamba2
 does), ``v = SiLU(ShortConv(W_v x))``, then
 ``o + D_h * v -> gated RMSNorm(., W_g x) -> o_proj``. Parameter names are shared too, which is what lets a

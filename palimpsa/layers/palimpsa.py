@@ -1,4 +1,4 @@
-"""Palimpsa and MetaMamba2: the shell around the Palimpsa recurrence (DESIGN §1).
+"""Palimpsa and MetaMamba2: the shell around the Palimpsa recurrence (``kernels/palimpsa/README.md``).
 
 Gates, per token and head (``[B, T, H]`` unless marked ``V``):
 
@@ -145,8 +145,9 @@ class MetaMamba2(_MetaplasticBase):
     """Mamba2 with an importance state: ``q = C``, ``k = B``, ``u = Ip * dt * x``, ``beta ~ dt``.
 
     The numerator carries ``Ip`` so that the mean ``mu = M / I`` equals Mamba2's state exactly while
-    ``beta == 0`` (``I == Ip``), for any prior: this is the Ip -> infinity Mamba2 limit of DESIGN §1
-    taken at fixed output scale, and what makes Mamba2 -> MetaMamba2 conversion function-preserving.
+    ``beta == 0`` (``I == Ip``), for any prior: this is the Ip -> infinity Mamba2 limit
+    (``kernels/palimpsa/README.md``) taken at fixed output scale, and what makes Mamba2 -> MetaMamba2
+    conversion function-preserving.
     Parameter names match :class:`palimpsa.layers.mamba2.Mamba2`.
     """
 

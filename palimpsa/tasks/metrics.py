@@ -1,4 +1,4 @@
-"""Accuracy over scored positions (DESIGN §3): per example first, then over examples."""
+"""Accuracy over scored positions (``palimpsa/tasks/README.md``): per example first, then over examples."""
 
 from __future__ import annotations
 

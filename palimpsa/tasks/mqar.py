@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR) with the Zoology layout (DESIGN §3)."""
+"""Multi-query associative recall (MQAR) with the Zoology layout (``palimpsa/tasks/README.md``)."""
 
 from __future__ import annotations
 
