@@ -32,6 +32,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: boo
         raise
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Text through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: handle.write(text))
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` through :func:`atomic_write`."""
     atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)

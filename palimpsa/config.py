@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from palimpsa.io import YamlFileError, dump_yaml, read_yaml, yaml_load
+from palimpsa.io import DottedKeyError, YamlFileError, dump_yaml, read_yaml, set_key, yaml_load
 
 MIXER_KINDS = (
     "palimpsa",
@@ -338,13 +338,10 @@ def set_dotted(data: dict[str, Any], assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise ConfigError("", f"override {assignment!r} is not of the form key=value", "--set")
-    node = data
-    *parents, leaf = key.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"{part!r} is not a mapping", "--set")
-    node[leaf] = yaml_load(text)
+    try:
+        set_key(data, key.strip(), yaml_load(text))
+    except DottedKeyError as err:
+        raise ConfigError(key, err.message, "--set") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -364,17 +361,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain nested mapping (YAML- and JSON-safe) that :func:`config_from_dict` reads back."""
     return dataclasses.asdict(cfg)
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"d_model": 64}}`` -> ``{"model.d_model": 64}``: MLflow params, table columns."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

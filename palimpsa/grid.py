@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from palimpsa.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from palimpsa.io import YamlFileError, read_yaml
+from palimpsa.io import DottedKeyError, YamlFileError, flatten, read_yaml, set_key
 
 GRID_KEYS = (
     "description",
@@ -142,39 +142,6 @@ class Grid:
 # --------------------------------------------------------------------------- dotted keys
 
 
-def set_key(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
-    """Set ``a.b.c`` in a nested mapping; mappings merge into mappings instead of replacing them."""
-    node = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise _KeyFailure(origin, f"{part!r} is not a mapping in the config")
-        node = child
-    current = node.get(leaf)
-    # A mapping merges into a mapping, except a different named choice (task: {name: mad, ...}
-    # over task: {name: mqar, ...}): that replaces it, so no key of the old choice lingers.
-    merge = isinstance(value, dict) and isinstance(current, dict)
-    if merge and "name" in value and "name" in current and value["name"] != current["name"]:
-        merge = False
-    if merge:
-        for key, sub in value.items():
-            set_key(node, f"{leaf}.{key}", sub, origin)
-    else:
-        node[leaf] = copy.deepcopy(value)
-
-
-def get_key(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
 def read_overrides(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of dotted overrides (a study's best.yaml); nested mappings are flattened."""
     path = Path(path)
@@ -188,23 +155,7 @@ def read_overrides(path: str | Path) -> dict[str, Any]:
         raise GridError("", "expected a mapping of dotted keys to values", path)
     if "overrides" in data and isinstance(data["overrides"], dict):  # best.yaml carries metadata too
         data = data["overrides"]
-    return _flatten_dotted(data)
-
-
-def _flatten_dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value and f"{prefix}{key}" != "tracking.tags":
-            out.update(_flatten_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-class _KeyFailure(Exception):
-    def __init__(self, origin: str, message: str):
-        super().__init__(message)
-        self.origin, self.message = origin, message
+    return flatten(data, whole=("tracking.tags",))
 
 
 # --------------------------------------------------------------------------- loading
@@ -510,7 +461,7 @@ def _make_point(
                 applied.append(a)
         for key, value in extra.items():
             set_key(cfg, key, value, f"run_overrides.{key}")
-    except _KeyFailure as err:
+    except DottedKeyError as err:
         raise GridError(err.origin, err.message, path) from None
     probe = copy.deepcopy(cfg)
     from_applied = []

@@ -6,6 +6,7 @@ Every config, grid, tuning spec, override file and MLflow param is read through 
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,51 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
 def dump_yaml(data: Any) -> str:
     """Block-style YAML in insertion order, readable back by :func:`yaml_load`."""
     return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+class DottedKeyError(ValueError):
+    """A dotted key runs through something that is not a mapping; ``origin`` says where it was written."""
+
+    def __init__(self, origin: str, message: str):
+        super().__init__(message)
+        self.origin, self.message = origin, message
+
+
+def set_key(data: dict[str, Any], dotted: str, value: Any, origin: str | None = None) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating parents. A mapping merges into a mapping key by key,
+    except a different named choice (``task: {name: mad}`` over ``task: {name: mqar, ...}``), which
+    replaces it so that no key of the old choice lingers."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DottedKeyError(origin or dotted, f"{part!r} is not a mapping in the config")
+        node = child
+    current = node.get(leaf)
+    merge = isinstance(value, dict) and isinstance(current, dict)
+    if merge and "name" in value and "name" in current and value["name"] != current["name"]:
+        merge = False
+    if merge:
+        for key, sub in value.items():
+            set_key(node, f"{leaf}.{key}", sub, origin)
+    else:
+        node[leaf] = copy.deepcopy(value)
+
+
+def flatten(data: dict[str, Any], prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{"model": {"d_model": 64}}`` -> ``{"model.d_model": 64}`` (MLflow params, table columns, override
+    files). Keys listed in ``whole`` (dotted) keep their mapping as one value; empty mappings stay too."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in whole:
+            out.update(flatten(value, f"{dotted}.", whole))
+        else:
+            out[dotted] = value
+    return out

@@ -19,8 +19,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from palimpsa.config import flatten
-from palimpsa.io import read_yaml, yaml_load
+from palimpsa.io import flatten, read_yaml, yaml_load
 from palimpsa.tracking import RESULT_TAG
 
 ID_COLUMNS = ("grid", "point", "label", "experiment", "run_dir", "status", "mlflow_run_id")

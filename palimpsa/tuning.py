@@ -32,10 +32,10 @@ from typing import Any
 import optuna
 import yaml
 
-from palimpsa.atomic import atomic_write
+from palimpsa.atomic import write_text
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
-from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors, set_key
-from palimpsa.io import YamlFileError, read_yaml, yaml_load
+from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors
+from palimpsa.io import YamlFileError, read_yaml, set_key, yaml_load
 
 log = optuna.logging.get_logger("optuna.palimpsa")  # optuna's handler: lines in the worker log
 
@@ -233,7 +233,7 @@ def init_study(
         "mlflow_parent_run_id": parent,
         "experiment": spec.experiment,
     }
-    _write_atomic(Path(out_dir) / "study.json", json.dumps(info, indent=1) + "\n")
+    write_text(Path(out_dir) / "study.json", json.dumps(info, indent=1) + "\n")
     return info
 
 
@@ -258,10 +258,6 @@ def _create_parent_run(spec: TuneSpec, tracking_uri: str | None) -> str:
 
 def _default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text))
 
 
 # --------------------------------------------------------------------------- trials
@@ -509,7 +505,7 @@ def write_best(spec: TuneSpec, storage: Any, out_dir: str | Path, tracking_uri: 
         f"# Best trial of study {spec.name} ({spec.metric} = {best.value:.4g}, {spec.direction}).\n"
         f"# A grid uses these values with: overrides_from: {out_dir / 'best.yaml'}\n"
     )
-    _write_atomic(out_dir / "best.yaml", header + yaml.safe_dump(best_doc, sort_keys=False))
+    write_text(out_dir / "best.yaml", header + yaml.safe_dump(best_doc, sort_keys=False))
     _write_trials_table(study, spec, out_dir)
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     if parent:
@@ -672,7 +668,7 @@ def run_cli(args: Any) -> int:
                 print(f"error: every trial of this worker failed; see {out_dir}/trials/*/", file=sys.stderr)
                 return 1
             if args.done_file:
-                _write_atomic(Path(args.done_file), json.dumps(tally) + "\n")
+                write_text(Path(args.done_file), json.dumps(tally) + "\n")
         if args.stage in ("all", "best"):
             best = write_best(spec, storage, out_dir, tracking_uri=args.tracking_uri)
             print(f"{spec.name}: best {spec.metric} = {best['value']:.4g} with {best['overrides']}")

@@ -214,7 +214,8 @@ def model_label(kind: str, descriptors: list[str]) -> str:
 
 def config_defaults() -> dict[str, Any]:
     """Flattened defaults of the run config: settings at their default are left out of labels."""
-    from palimpsa.config import RunConfig, config_to_dict, flatten
+    from palimpsa.config import RunConfig, config_to_dict
+    from palimpsa.io import flatten
 
     return flatten(config_to_dict(RunConfig()))
 

@@ -18,11 +18,10 @@ from palimpsa.config import (
     RunConfig,
     config_from_dict,
     config_to_dict,
-    flatten,
     load_config,
     save_config,
 )
-from palimpsa.io import read_yaml
+from palimpsa.io import flatten, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = {

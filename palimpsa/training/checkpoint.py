@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from palimpsa.config import RunConfig, config_from_dict, config_to_dict, flatten
+from palimpsa.config import RunConfig, config_from_dict, config_to_dict
+from palimpsa.io import flatten
 from palimpsa.model import CheckpointError, read_checkpoint, save_model
 from palimpsa.training.errors import TrainingError
 
