@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from palimpsa.atomic import atomic_write
-from palimpsa.config import RunConfig, config_to_dict, flatten
+from palimpsa.config import RunConfig, config_to_dict
 from palimpsa.distributed import teardown
-from palimpsa.io import dump_yaml
+from palimpsa.io import dump_yaml, flatten
 from palimpsa.tracking import RESULT_TAG, NullTracker, git_commit, open_tracker
 from palimpsa.training.errors import NonFiniteError, StopTraining
 from palimpsa.training.files import FAILED, HISTORY, METRICS, RESOLVED_CONFIG, RUN_ID, read_run_id, write_json
