@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from palimpsa.errors import USER_ERRORS
+
 Runner = Callable[[argparse.Namespace], "int | None"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,13 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "results": ("palimpsa.results:cli_command", "tables of a results table: every seed, best lr per seed"),
 }
 
-# Exceptions that are the user's to fix: "module:Class", resolved only when an error is being reported.
-USER_ERRORS = (
-    "palimpsa.config:ConfigError",
-    "palimpsa.tasks:TaskError",
-    "palimpsa.model:CheckpointError",
-    "palimpsa.training:TrainingError",
-)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -46,19 +41,6 @@ EXIT_INTERRUPTED = 130
 def _resolve(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def _is_user_error(err: BaseException) -> bool:
-    if isinstance(err, FileNotFoundError):
-        return True
-    for target in USER_ERRORS:
-        try:
-            cls = _resolve(target)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(err, cls):
-            return True
-    return False
 
 
 def _one_line(err: BaseException) -> str:
@@ -180,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        if not _is_user_error(err):
+        if not isinstance(err, USER_ERRORS):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from palimpsa.errors import ConfigError, FieldError
 from palimpsa.io import DottedKeyError, YamlFileError, dump_yaml, read_yaml, set_key, yaml_load
+from palimpsa.tasks import TASK_CONFIGS
 
 MIXER_KINDS = (
     "palimpsa",
@@ -28,23 +30,6 @@ MIXER_KINDS = (
     "linear_attention",
     "attention",
 )
-
-
-class ConfigError(ValueError):
-    """A user error in a config: names the file and the dotted key."""
-
-    def __init__(self, key: str, message: str, source: str | Path | None = None):
-        self.key, self.message, self.source = key, message, str(source) if source else None
-        where = f"{self.source}: " if self.source else ""
-        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
-
-
-class FieldError(ValueError):
-    """Raised from a config's ``__post_init__``; the parser prefixes the dotted path."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message
-        super().__init__(f"{key}: {message}")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -303,8 +288,6 @@ def parse_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def parse_task(data: Any, prefix: str = "task.") -> Any:
     """Build the typed config of the task named by ``data['name']``."""
-    from palimpsa.tasks import TASK_CONFIGS  # the task registry owns its configs
-
     _check(isinstance(data, dict), prefix.rstrip("."), "expected a mapping with a 'name'")
     name = data.get("name")
     known = isinstance(name, str) and name in TASK_CONFIGS

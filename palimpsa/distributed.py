@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from palimpsa.errors import TrainingError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -72,8 +74,6 @@ def setup(device: torch.device, global_batch: int) -> DistContext | None:
     if world <= 1:
         return None
     if global_batch % world:
-        from palimpsa.training import TrainingError
-
         raise TrainingError(
             f"train.batch_size: {global_batch} is not divisible by the {world} data-parallel processes"
         )

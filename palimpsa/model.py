@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from palimpsa.atomic import atomic_torch_save
 from palimpsa.config import ConfigError, ModelConfig, RunConfig, config_from_dict, config_to_dict
+from palimpsa.errors import CheckpointError
 from palimpsa.layers import build_mixer
 from palimpsa.layers.common import Cache, RMSNorm, ShortConv
 
@@ -26,14 +27,6 @@ CONSOLIDATED_RATIO = 2.0
 # 1/(1 - alpha) is infinite at alpha = 1 (no forgetting); the diagnostic horizon is capped here.
 HORIZON_MAX = 1e6
 DIAG_QUANTILES = (0.1, 0.5, 0.9)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not hold a model of this project; names the file."""
-
-    def __init__(self, path: str | Path, message: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {message}")
 
 
 def swiglu_hidden(d_model: int, mlp_ratio: float) -> int:

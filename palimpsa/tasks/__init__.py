@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from palimpsa.tasks.base import IGNORE_INDEX, TaskData, TaskError, config_digest
+from palimpsa.errors import TaskError
+from palimpsa.tasks.base import IGNORE_INDEX, TaskData, config_digest
 from palimpsa.tasks.cache import GENERATOR_VERSION, cache_path, load_cached, save_cached
 from palimpsa.tasks.lm import LMConfig, build_lm, corpus_fingerprint
 from palimpsa.tasks.mad import MAD_VARIANTS, MADConfig, build_mad, generate_mad

@@ -13,10 +13,6 @@ import torch
 IGNORE_INDEX = -100  # target value of positions that are not scored (torch's cross-entropy default)
 
 
-class TaskError(ValueError):
-    """A user error while building a task's data (a missing file, an absent optional package)."""
-
-
 @dataclass
 class TaskData:
     """Token tensors of one task, aligned for next-token prediction.

@@ -12,8 +12,8 @@ from typing import Literal
 
 import torch
 
-from palimpsa.config import FieldError
-from palimpsa.tasks.base import TaskData, TaskError, split_generator
+from palimpsa.errors import FieldError, TaskError
+from palimpsa.tasks.base import TaskData, split_generator
 
 BYTE_VOCAB = 256
 DOC_SEPARATOR = b"\x00"  # ends every document, so windows that span two files see the boundary

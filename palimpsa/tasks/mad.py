@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from palimpsa.config import FieldError
+from palimpsa.errors import FieldError
 from palimpsa.tasks.base import IGNORE_INDEX, TaskData, sample_without_replacement, split_generator
 
 MADVariant = Literal[

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from palimpsa.config import FieldError
+from palimpsa.errors import FieldError
 from palimpsa.tasks.base import IGNORE_INDEX, TaskData, sample_without_replacement, split_generator
 
 

@@ -11,8 +11,8 @@ One job per module: ``run`` (the run's life: files, tracking, how it ends), ``lo
 (run state, resume), ``evaluation``, ``runtime`` (device, precision, signals), ``progress``.
 """
 
+from palimpsa.errors import NonFiniteError, StopTraining, TrainingError
 from palimpsa.training.batches import Plan, epoch_order, scored_positions
-from palimpsa.training.errors import NonFiniteError, StopTraining, TrainingError
 from palimpsa.training.evaluation import evaluate, evaluate_checkpoint, masked_cross_entropy
 from palimpsa.training.files import CHECKPOINT, FAILED, HISTORY, METRICS, RUN_ID, write_json
 from palimpsa.training.loop import Trainer

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from palimpsa.config import RunConfig, config_from_dict, config_to_dict
+from palimpsa.errors import CheckpointError, TrainingError
 from palimpsa.io import flatten
-from palimpsa.model import CheckpointError, read_checkpoint, save_model
-from palimpsa.training.errors import TrainingError
+from palimpsa.model import read_checkpoint, save_model
 
 CHECKPOINT_FORMAT = 2
 # Config keys that may differ between a checkpoint and the resuming job: they do not change the math.

@@ -20,11 +20,11 @@ from palimpsa.config import RunConfig
 from palimpsa.diagnostics import collect_diagnostics
 from palimpsa.distributed import setup as setup_distributed
 from palimpsa.distributed import world_size_from_env
+from palimpsa.errors import NonFiniteError
 from palimpsa.model import build_model
 from palimpsa.tasks import build_task
 from palimpsa.training.batches import Batches, Plan
 from palimpsa.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_everything
-from palimpsa.training.errors import NonFiniteError
 from palimpsa.training.evaluation import ValidationSet, evaluate, masked_cross_entropy
 from palimpsa.training.files import CHECKPOINT, HISTORY, write_history
 from palimpsa.training.optim import learning_rate, make_optimizer

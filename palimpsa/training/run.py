@@ -17,9 +17,9 @@ from typing import Any
 from palimpsa.atomic import atomic_write
 from palimpsa.config import RunConfig, config_to_dict
 from palimpsa.distributed import teardown
+from palimpsa.errors import NonFiniteError, StopTraining
 from palimpsa.io import dump_yaml, flatten
 from palimpsa.tracking import RESULT_TAG, NullTracker, git_commit, open_tracker
-from palimpsa.training.errors import NonFiniteError, StopTraining
 from palimpsa.training.files import FAILED, HISTORY, METRICS, RESOLVED_CONFIG, RUN_ID, read_run_id, write_json
 from palimpsa.training.loop import Trainer
 from palimpsa.training.progress import Progress

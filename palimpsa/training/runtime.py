@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from palimpsa.training.errors import TrainingError
+from palimpsa.errors import TrainingError
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
