@@ -177,12 +177,14 @@ def resolve_path(ref: str, relative_to: Path) -> Path:
     return candidate if candidate.exists() or not Path(ref).exists() else Path(ref)
 
 
-def schema_errors(data: Any, schema_name: str) -> list[tuple[str, str]]:
-    """JSON-schema check (workflow/schemas); (dotted key, message) pairs, empty if valid."""
-    schema_path = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / schema_name
-    if not schema_path.is_file():  # an installed wheel without the repository: the Python checks remain
-        return []
-    import jsonschema  # only the workflow side needs it
+SCHEMAS = Path(__file__).resolve().parent / "schemas"  # shipped with the package: grids and tuning specs
+
+
+def schema_errors(data: Any, schema: str | Path) -> list[tuple[str, str]]:
+    """JSON-schema check; (dotted key, message) pairs, empty if valid. ``schema`` is a file name under
+    :data:`SCHEMAS` (``grid.schema.yaml``, ``tune.schema.yaml``) or the path of another schema file."""
+    schema_path = SCHEMAS / schema if isinstance(schema, str) else Path(schema)
+    import jsonschema  # the lab's dependency, not the model's: a bare GPU box trains without it
 
     schema = read_yaml(schema_path)
     validator = jsonschema.Draft202012Validator(schema)

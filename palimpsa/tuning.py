@@ -34,8 +34,12 @@ import yaml
 
 from palimpsa.atomic import write_text
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
+from palimpsa.errors import StopTraining
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors
 from palimpsa.io import YamlFileError, read_yaml, set_key, yaml_load
+from palimpsa.tracking import ensure_experiment
+from palimpsa.training import train
+from palimpsa.training.files import read_run_id
 
 log = optuna.logging.get_logger("optuna.palimpsa")  # optuna's handler: lines in the worker log
 
@@ -240,8 +244,6 @@ def init_study(
 def _create_parent_run(spec: TuneSpec, tracking_uri: str | None) -> str:
     import mlflow
 
-    from palimpsa.tracking import ensure_experiment
-
     client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
     exp_id = ensure_experiment(client, spec.experiment)  # artifacts beside the store, under its lock
     run = client.create_run(
@@ -359,8 +361,6 @@ def make_objective(
     tracking_uri: str | None,
     data_dir: str | Path | None = None,
 ) -> Any:
-    from palimpsa.training import StopTraining, train  # imported lazily to keep `--help` fast
-
     class Pruned(StopTraining):
         """Optuna's verdict, carried through the trainer (which ends the MLflow run KILLED)."""
 
@@ -416,8 +416,6 @@ def make_objective(
 def _tag_run(tracking_uri: str | None, run_dir: Path, state: str) -> None:
     """Tag the trial's MLflow run with its Optuna state, so the UI can filter pruned trials
     (``tags.optuna.state = 'PRUNED'``); nothing when the trial was not tracked."""
-    from palimpsa.training.files import read_run_id
-
     run_id = read_run_id(run_dir)
     if run_id:
         import mlflow

@@ -35,7 +35,7 @@ def _config_sources():
     return " + ".join(dict.fromkeys(files))
 
 
-_errors = schema_errors(config, "config.schema.yaml")
+_errors = schema_errors(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 if _errors:
     _user_error(f"{_config_sources()}: {_errors[0][0] or '(top level)'}: {_errors[0][1]}")
 config.setdefault("run_overrides", {})
