@@ -356,6 +356,22 @@ def test_committed_gpu_example_matches_its_tables():
     assert all(f["text"] in quoted for f in findings)  # the README quotes the findings verbatim
 
 
+def test_committed_mqar_official_example_matches_its_tables():
+    """reports/examples/mqar-official-first: one seed per mixer, so every comparison is "cannot tell"."""
+    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official-first"
+    raw = pl.read_parquet(example / "runs.parquet")
+    assert raw.height == 5 and set(raw.get_column("metric.device")) == {"cuda"}
+    assert set(raw.get_column("metric.steps")) == {7029}
+    curves = pl.read_parquet(example / "curves.parquet").pivot(
+        on="key", index=["run_id", "step"], values="value"
+    )
+    findings = json.loads((example / "findings.json").read_text())
+    check_findings(findings, raw, curves, (example / "index.html").read_text())
+    verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
+    assert verdicts and all("cannot tell" in text for text in verdicts)
+    assert any(f["section"] == "recall" for f in findings)  # recall by key-to-query distance is drawn
+
+
 def test_runs_at_chance_give_no_comparison(report):
     """The stored tiny runs never leave chance: the report screens them out and compares nothing."""
     assert not report.prepared.selected.get_column("learned").any()
