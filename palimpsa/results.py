@@ -20,7 +20,7 @@ import polars as pl
 import yaml
 
 from palimpsa.io import flatten, read_yaml, yaml_load
-from palimpsa.tracking import RESULT_TAG
+from palimpsa.tracking import RESULT_TAG, SUPERSEDED_TAG, flat_metric, mlflow_metric
 
 ID_COLUMNS = ("grid", "point", "label", "experiment", "run_dir", "status", "mlflow_run_id")
 
@@ -136,8 +136,10 @@ def build_tables(
     tracking_uri: str, experiments: list[str] | None = None, curve_keys: tuple[str, ...] = CURVE_KEYS
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(runs, curves) from an MLflow store: the same columns as :func:`collect_runs`, and long curves
-    (``run_id, step, key, value``). Sweep and study parent runs are left out; ``run_id`` is
-    ``grid/point`` for workflow runs (as the folder tables derive it), else the MLflow run id.
+    (``run_id, step, key, value``). Sweep and study parent runs and runs retrained since (superseded) are
+    left out; ``run_id`` is ``grid/point`` for workflow runs (as the folder tables derive it), else the
+    MLflow run id. Metrics are logged under grouped names (``val/accuracy``); columns and curve keys keep
+    the flat names of ``metrics.json`` (``metric.val_accuracy``, ``val_accuracy``).
     """
     import mlflow
 
@@ -158,7 +160,7 @@ def build_tables(
         page = client.search_runs(list(names), max_results=1000, page_token=token)
         for run in page:
             tags, info = run.data.tags, run.info
-            if tags.get("palimpsa.role") in PARENT_ROLES:
+            if tags.get("palimpsa.role") in PARENT_ROLES or SUPERSEDED_TAG in tags:
                 continue
             run_id = _mlflow_run_id(tags, info.run_id)
             row: dict[str, Any] = {
@@ -185,13 +187,13 @@ def build_tables(
                 elif key.startswith("backend."):  # the implementation each layer ran, as in metrics.json
                     row[f"metric.backends.{key.removeprefix('backend.')}"] = value
             for key, value in run.data.metrics.items():
-                row[f"metric.{key}"] = value
+                row[f"metric.{flat_metric(key)}"] = value
             rows.append(row)
             for key in curve_keys:
-                if key in run.data.metrics:
+                if mlflow_metric(key) in run.data.metrics:
                     curves += [
                         {"run_id": run_id, "step": m.step, "key": key, "value": m.value}
-                        for m in client.get_metric_history(info.run_id, key)
+                        for m in client.get_metric_history(info.run_id, mlflow_metric(key))
                     ]
         token = page.token
         if not token:

@@ -5,18 +5,25 @@ bare box with just torch. The MLflow client API is used (not the fluent global r
 process that runs many trainings (a sweep) never trips over a stale "active run".
 
 A job killed at any moment keeps its run id in ``OUT/mlflow_run_id``; the rerun reopens that same
-run (status back to RUNNING) instead of leaving an orphan and starting a duplicate.
+run (status back to RUNNING, the earlier failure reason moved out of ``failure_reason``) instead of leaving
+an orphan and starting a duplicate.
+
+Metric names are grouped for the UI (``train/loss``, ``val/accuracy``, ``diag/...``): :func:`mlflow_metric`
+names a run's flat metric (the ``metrics.json`` and ``history.jsonl`` key) in MLflow and
+:func:`flat_metric` maps it back, so tables built from the store keep the flat column names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +32,10 @@ from palimpsa.config import ConfigError, TrackingConfig
 DEFAULT_URI = "sqlite:///results/mlflow.db"
 ARTIFACT_DIR = "mlartifacts"  # next to the SQLite file, never ./mlruns
 RESULT_TAG = "result."  # tag prefix of a finished run's text results (device, precision, stop reason, ...)
+FAILURE_TAG = "failure_reason"  # why a FAILED or KILLED run stopped; cleared when the run is reopened
+SUPERSEDED_TAG = "palimpsa.superseded_by"  # on a run retrained from scratch: the run id that replaced it
+# MLflow 3 opens an experiment of unknown kind on its GenAI pages; ours are training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _BATCH = 100  # MLflow's limit of params/tags per log_batch request
 _T = TypeVar("_T")
 
@@ -63,6 +74,62 @@ def git_commit(path: str | Path | None = None) -> tuple[str | None, bool]:
         return None, False
 
 
+# --------------------------------------------------------------------------- metric names
+
+# The flat names of metrics.json / history.jsonl and their grouped MLflow names; families by prefix below.
+METRIC_GROUPS = {
+    "train_loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_second",
+    "epoch": "train/epoch",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "best_val_loss": "val/best_loss",
+    "best_val_accuracy": "val/best_accuracy",
+    "best_step": "val/best_step",
+    "wall_seconds": "time/wall_seconds",
+    "train_seconds": "time/train_seconds",
+    "steps": "run/steps",
+    "epochs": "run/epochs",
+    "tokens": "run/tokens",
+    "num_params": "run/num_params",
+    "peak_memory_mib": "run/peak_memory_mib",
+    "num_threads": "run/num_threads",
+    "world_size": "run/world_size",
+}
+METRIC_FAMILIES = {"diag.": "diag/", "recall_gap.": "val/recall_gap/"}
+_FLAT = {group: flat for flat, group in METRIC_GROUPS.items()}
+
+
+def mlflow_metric(name: str) -> str:
+    """The grouped MLflow name of a flat run metric (``recall_gap.0-8`` -> ``val/recall_gap/0-8``)."""
+    if name in METRIC_GROUPS:
+        return METRIC_GROUPS[name]
+    for flat, group in METRIC_FAMILIES.items():
+        if name.startswith(flat):
+            return group + name.removeprefix(flat)
+    return name
+
+
+def flat_metric(name: str) -> str:
+    """Inverse of :func:`mlflow_metric`; names it never produced (``system/...``) come back unchanged."""
+    if name in _FLAT:
+        return _FLAT[name]
+    for flat, group in METRIC_FAMILIES.items():
+        if name.startswith(group):
+            return flat + name.removeprefix(group)
+    return name
+
+
+def grouped(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A mapping of flat run metrics under their MLflow names."""
+    return {mlflow_metric(k): v for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- store access
+
+
 def _retry(fn: Callable[[], _T], what: str, attempts: int = 6) -> _T:
     """Retry store calls: parallel jobs sharing one SQLite file can briefly see it locked."""
     delay = 0.2
@@ -88,6 +155,33 @@ def _text(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run trained on, as an MLflow run input: ``digest`` identifies the content, ``source`` says
+    how it was made (the task config and seed), ``profile`` its sizes, ``schema`` its tensors."""
+
+    name: str
+    digest: str
+    source: dict[str, Any]
+    profile: dict[str, Any]
+    schema: dict[str, tuple[str, list[int]]] | None = None  # tensor name -> (dtype, shape; -1 = any size)
+
+
+def _tensor_schema(schema: dict[str, tuple[str, list[int]]]) -> dict[str, Any]:
+    """MLflow's tensor-spec layout (what its numpy datasets log), so the UI lists the tensors."""
+
+    def specs(targets: bool) -> str:
+        return json.dumps(
+            [
+                {"name": name, "type": "tensor", "tensor-spec": {"dtype": dtype, "shape": list(shape)}}
+                for name, (dtype, shape) in schema.items()
+                if name.endswith("targets") == targets
+            ]
+        )
+
+    return {"mlflow_tensorspec": {"features": specs(False), "targets": specs(True)}}
+
+
 class NullTracker:
     """Tracking off: same interface, records nothing. Training never depends on a tracker."""
 
@@ -110,8 +204,17 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_dataset(self, dataset: DatasetInfo, context: str = "training") -> None:
+        pass
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
+
+    def supersede(self, old_run_id: str) -> None:
+        pass
+
+    def artifact_uri(self, artifact_path: str) -> str | None:
+        return None
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         pass
@@ -173,16 +276,24 @@ class MlflowTracker(NullTracker):
 
     def _reopen(self, run_id: str) -> str | None:
         try:
-            self.client.get_run(run_id)
+            run = self.client.get_run(run_id)
         except Exception as err:
             warnings.warn(
                 f"mlflow run {run_id} not found in {self.uri} ({err}); starting a new run", stacklevel=3
             )
             return None
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "update_run")
-        _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed", "true"), "set_tag")
         self.resumed = True
+        self._clear_failure(run_id, run.data.tags.get(FAILURE_TAG))
+        _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed", "true"), "set_tag")
         return run_id
+
+    def _clear_failure(self, run_id: str, reason: str | None) -> None:
+        """A reopened run is no longer failed: keep why it stopped as history, not as its failure reason."""
+        if not reason:
+            return
+        _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed_after", reason), "set_tag")
+        _retry(lambda: self.client.delete_tag(run_id, FAILURE_TAG), "delete_tag")
 
     def _start_system_metrics(self) -> None:
         """CPU/memory/GPU usage in the background; skipped quietly when psutil is missing."""
@@ -235,6 +346,32 @@ class MlflowTracker(NullTracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log_artifact")
 
+    def artifact_uri(self, artifact_path: str) -> str | None:
+        """Where an artifact of this run is, for any client of the same tracking server."""
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def log_dataset(self, dataset: DatasetInfo, context: str = "training") -> None:
+        """The run's input dataset (the UI's Datasets column); logging the same one again is a no-op."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type="code",
+            source=json.dumps({"tags": dataset.source}, sort_keys=True, default=str),
+            schema=None if dataset.schema is None else json.dumps(_tensor_schema(dataset.schema)),
+            profile=json.dumps(dataset.profile, sort_keys=True, default=str),
+        )
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        _retry(lambda: self.client.log_inputs(self.run_id, [DatasetInput(entity, tags)]), "log_inputs")
+
+    def supersede(self, old_run_id: str) -> None:
+        """Record that this run retrains ``old_run_id`` from scratch; the old run stays, tagged replaced."""
+        note = f"Superseded: retrained from scratch in run {self.run_id}."
+        for key, value in ((SUPERSEDED_TAG, self.run_id), ("mlflow.note.content", note)):
+            _retry(lambda key=key, value=value: self.client.set_tag(old_run_id, key, value), "set_tag")
+        self.set_tags({"palimpsa.supersedes": old_run_id})
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -252,7 +389,7 @@ class MlflowTracker(NullTracker):
             self._monitor = None
         if reason:
             try:
-                self.set_tags({"failure_reason": reason})
+                self.set_tags({FAILURE_TAG: reason})
             except Exception as err:
                 log.warning("mlflow: could not record failure reason: %s", err)
         _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
@@ -266,11 +403,14 @@ def _get_or_create_experiment(client: Any, name: str, db: Path | None) -> str:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 client.restore_experiment(found.experiment_id)
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in found.tags:  # a store made before the tag: open it on its runs too
+                    client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if db is not None:  # artifacts next to the database, not in ./mlruns of whatever cwd
             location = (db.parent / ARTIFACT_DIR / _safe(name)).resolve().as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
     return _retry(get_or_create, "create_experiment")
 

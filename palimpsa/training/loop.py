@@ -23,6 +23,7 @@ from palimpsa.distributed import world_size_from_env
 from palimpsa.errors import NonFiniteError
 from palimpsa.model import build_model
 from palimpsa.tasks import build_task
+from palimpsa.tracking import grouped
 from palimpsa.training.batches import Batches, Plan
 from palimpsa.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_everything
 from palimpsa.training.evaluation import ValidationSet, evaluate, masked_cross_entropy
@@ -203,7 +204,7 @@ class Trainer:
                     "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
                     "epoch": st.step / plan.steps_per_epoch,
                 }
-                tracker.log_metrics(metrics, step=st.step)
+                tracker.log_metrics(grouped(metrics), step=st.step)  # train/loss, train/lr, ...
                 meter.reset_log(st)
                 window_tokens, window_seconds = 0, 0.0
             if st.step % plan.eval_every == 0 or st.step == plan.total_steps:
@@ -257,7 +258,7 @@ class Trainer:
         }
         st.history.append(entry)
         logged = {k: v for k, v in entry.items() if k not in ("step", "epoch", "train_loss")}  # per-step keys
-        tracker.log_metrics({**logged, **diag}, step=st.step)
+        tracker.log_metrics(grouped({**logged, **diag}), step=st.step)  # val/..., time/..., diag/...
         if self.is_main:
             write_history(self.out / HISTORY, st.history)
         self._check_stop(metrics)
