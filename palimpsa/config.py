@@ -131,6 +131,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     final_norm: Literal["rms", "layer"] = "rms"  # the norm before the output head
     tie_embeddings: bool = True  # output head = embedding matrix
+    # carry the residual stream in fp32 when the weights are bf16 (train.precision: pure_bf16), as the
+    # published MQAR blocks do; a no-op for fp32 weights
+    residual_in_fp32: bool = False
     vocab_size: int | None = None  # None: taken from the task
     mixer: MixerConfig = field(default_factory=MixerConfig)
 

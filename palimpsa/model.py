@@ -59,10 +59,13 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
 
     def forward(self, h: Tensor, cache: Cache | None = None, use_cache: bool = False):
-        m, cache = self.mixer(self.mixer_norm(h), cache, use_cache)
+        """``h`` may be carried in a wider dtype than the weights (``residual_in_fp32``): each branch reads
+        it at the weights' dtype and its output is added back in ``h``'s."""
+        dtype = self.mixer_norm.weight.dtype
+        m, cache = self.mixer(self.mixer_norm(h.to(dtype)), cache, use_cache)
         h = h + m
         if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
+            h = h + self.mlp(self.mlp_norm(h.to(dtype)))
         return h, cache
 
 
@@ -129,6 +132,8 @@ class PalimpsaLM(nn.Module):
         """Logits ``[B, T, vocab]``, or ``[B, S, vocab]`` at ``positions [B, S]`` only (the scored ones: the
         output head and the loss then cost S/T of the full read-out)."""
         h = self.embed(input_ids)
+        if self.cfg.residual_in_fp32:
+            h = h.float()
         new_state = []
         for i, block in enumerate(self.blocks):
             h, cache = block(h, None if state is None else state[i], return_state)
@@ -136,7 +141,7 @@ class PalimpsaLM(nn.Module):
         if positions is not None:
             h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.final_norm(h), head)
+        logits = F.linear(self.final_norm(h.to(head.dtype)), head)
         return (logits, new_state) if return_state else logits
 
     @torch.no_grad()

@@ -271,3 +271,22 @@ def test_best_lr_views() -> None:
     assert per_setting["lr"].unique().to_list() == [1e-2]  # mean 0.6 against 0.33
     assert per_setting["seed"].to_list() == [1, 2, 5] and per_setting["n_lr"].to_list() == [2, 2, 2]
     assert best_lr(runs, "setting").filter(pl.col("variant") == "mamba2")["n_lr"].to_list() == [1, 1, 1]
+
+
+def test_fp32_residual_under_pure_bf16_tracks_the_fp64_model_closer() -> None:
+    """A bf16 model with the residual stream in fp32 (the published blocks) rounds less than one in bf16."""
+    raw = tiny_config(task={"vocab_size": 64, "seq_len": 64, "num_kv_pairs": 4})
+    raw["model"].update(n_layers=6, d_model=32)
+    torch.manual_seed(0)
+    reference = build_model(config_from_dict(raw)).double()
+    x = torch.randint(0, 64, (4, 64))
+    exact = reference(x)
+    errors = {}
+    for fp32 in (False, True):
+        raw["model"]["residual_in_fp32"] = fp32
+        model = build_model(config_from_dict(raw))
+        model.load_state_dict(reference.state_dict())
+        logits = model.to(torch.bfloat16)(x)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+        errors[fp32] = (logits.double() - exact).norm().item() / exact.norm().item()
+    assert errors[True] < errors[False], errors
