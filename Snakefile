@@ -1,4 +1,4 @@
-"""Reproduce every experiment: `snakemake --profile workflow/profiles/default` (CPU smoke grid).
+"""Reproduce every experiment: `snakemake` (the CPU smoke grid, with workflow/profiles/default).
 
 Thin on purpose: the config, its validation and the grid expansion live in workflow/rules/common.smk
 and palimpsa/grid.py; each stage is one file under workflow/rules/.
@@ -7,6 +7,9 @@ and palimpsa/grid.py; each stage is one file under workflow/rules/.
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+
+include: "workflow/rules/profile.smk"
 
 
 configfile: f"{workflow.basedir}/workflow/config.yaml"
@@ -25,3 +28,12 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/results.smk"
+include: "workflow/rules/messages.smk"
+
+
+onsuccess:
+    print(success_message(), flush=True)
+
+
+onerror:
+    print(failure_message(), flush=True)

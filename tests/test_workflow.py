@@ -1,12 +1,15 @@
-"""The Snakemake workflow: dry runs of the full DAG under every profile, a config error naming the key,
-and a real tiny end-to-end run (outputs, MLflow runs and their status, Optuna trials, idempotence,
-one changed point rerunning alone, a failing run failing only its own job)."""
+"""The Snakemake workflow: lint, plain `snakemake` in a fresh copy finding the default profile by itself,
+dry runs of the full DAG under every profile, a config error naming the key, and a real tiny end-to-end run
+(outputs, MLflow runs, grouped metrics, dataset inputs and checkpoint artifacts, the sweep's summary, the end
+message, Optuna trials, idempotence, one changed point rerunning alone, a failing run failing only its own
+job, `--force` retraining a point in a new MLflow run)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +39,66 @@ def job_counts(output: str) -> dict[str, int]:
     }
 
 
+# --------------------------------------------------------------------------- lint, plain `snakemake`
+
+
+def test_lint_is_clean() -> None:
+    proc = snakemake("--lint")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The checkout as a fresh clone of it would be: tracked and not-ignored files, no results, no .venv."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def activated_env(home: Path) -> dict[str, str]:
+    """The environment of a shell that activated the project's virtualenv: its bin first on PATH, no profile
+    variable, no tracking URI, and a home without user-level Snakemake profiles."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SNAKEMAKE_PROFILE")}
+    venv_bin = Path(sys.executable).parent
+    env.update(
+        PATH=os.pathsep.join([str(venv_bin), env.get("PATH", "")]),
+        VIRTUAL_ENV=str(venv_bin.parent),
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+    )
+    return env
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the checkout's files")
+def test_plain_snakemake_in_a_fresh_clone_uses_the_default_profile(tmp_path: Path) -> None:
+    clone = fresh_copy(tmp_path / "clone")
+    env = activated_env(tmp_path / "home")
+    command = shutil.which("snakemake", path=env["PATH"])
+    assert command is not None
+    dry = subprocess.run([command, "-n"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    assert f"Using profile {clone / 'workflow' / 'profiles' / 'default'}" in out
+    counts = job_counts(out)
+    assert counts["train"] == 12 and counts["tune_worker"] == 2 and counts["report"] == 1, counts
+    # a real run without --cores: the profile's 2 cores (the cheapest target, the MLflow store)
+    real = subprocess.run(
+        [command, "results/meta/mlflow-store.json"], cwd=clone, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    out = real.stdout + real.stderr
+    assert real.returncode == 0, out[-3000:]
+    assert "Provided cores: 2" in out and "cores have to be specified" not in out
+    assert "mlflow ui --backend-store-uri sqlite:///results/mlflow.db" in out
+    assert (clone / "results" / "mlflow.db").is_file()
+
+
 # --------------------------------------------------------------------------- dry runs
 
 
@@ -62,7 +125,7 @@ def test_gpu_and_slurm_profiles_give_training_jobs_a_gpu() -> None:
         train_block = out.split("rule train:", 1)[1].split("\n\n", 1)[0]
         resources = next(line for line in train_block.splitlines() if "resources:" in line)
         assert re.search(expected, resources), resources
-        assert "gpu_slot.py --gpus 1 --" in out, "training jobs take a GPU slot through the launcher"
+        assert 'gpu_slot.py" --gpus 1 --' in out, "training jobs take a GPU slot through the launcher"
 
 
 def test_gpu_example_command_plans_its_eighteen_runs() -> None:
@@ -152,6 +215,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     proc = run_tiny(work)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    (work / "first-run.out").write_text(proc.stdout + proc.stderr)
     return work
 
 
@@ -215,6 +279,62 @@ def test_tiny_run_is_tracked(project: Path) -> None:
 
 
 @pytest.mark.slow
+def test_tiny_run_store_has_grouped_metrics_the_dataset_and_checkpoints(project: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'results' / 'mlflow.db'}")
+    for run in [r for r in mlflow_runs(project, "tiny") if r.data.tags.get("palimpsa.role") == "point"]:
+        metrics = set(run.data.metrics)
+        assert {"train/loss", "val/loss", "val/accuracy", "time/wall_seconds", "run/steps"} <= metrics
+        assert any(m.startswith("val/recall_gap/") for m in metrics), sorted(metrics)
+        assert not {"train_loss", "val_accuracy", "steps"} & metrics, "flat names are gone"
+        assert not any(key.startswith("tracking.") for key in run.data.params)
+        assert run.data.params["model.vocab_size"] == "16"
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.name == "mqar" and json.loads(dataset.profile)["num_train"] == 128
+        checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert checkpoints == {"checkpoints/checkpoint.pt", "checkpoints/best.pt"}
+        assert run.data.tags["palimpsa.checkpoint"].startswith(f"runs:/{run.info.run_id}/")
+
+
+@pytest.mark.slow
+def test_sweep_run_carries_the_grid_summary(project: Path) -> None:
+    import mlflow
+
+    runs = mlflow_runs(project, "tiny")
+    (sweep,) = [r for r in runs if r.data.tags.get("palimpsa.role") == "sweep"]
+    points = {r.data.tags["grid.point"]: r for r in runs if r.data.tags.get("palimpsa.role") == "point"}
+    assert sweep.data.metrics["points/finished"] == 3
+    best = points[sweep.data.tags["best.point"]]
+    assert sweep.data.tags["best.mlflow_run_id"] == best.info.run_id
+    best_value = max(r.data.metrics["val/accuracy"] for r in points.values())
+    assert sweep.data.metrics["best/val_accuracy"] == best_value
+    assert "3 points" in sweep.data.tags["mlflow.note.content"]
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'results' / 'mlflow.db'}")
+    table = {a.path for a in client.list_artifacts(sweep.info.run_id, "table")}
+    assert table == {"table/runs.csv", "table/runs.parquet"}
+    summary = json.loads((project / "results" / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["points"] == 3 and summary["best"]["point"] == sweep.data.tags["best.point"]
+
+
+@pytest.mark.slow
+def test_terminal_shows_one_line_per_run_and_where_everything_is(project: Path) -> None:
+    out = (project / "first-run.out").read_text()
+    points = [d.name for d in (project / "results" / "runs" / "tiny").iterdir() if d.is_dir()]
+    for point in points:
+        (line,) = [line for line in out.splitlines() if line.startswith(f"done tiny/{point}")]
+        assert "val_accuracy" in line and "16 steps" in line and "MLflow run" in line, line
+    assert "rule train:" not in out, "no job blocks on the terminal"
+    end = out[out.index("Palimpsa pipeline done") :]
+    assert "3 of 3 grid points and 1 of 1 tuning study finished" in end
+    assert str(project / "results" / "tables" / "runs.parquet") in end
+    assert f"mlflow ui --backend-store-uri sqlite:///{project / 'results' / 'mlflow.db'}" in end
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs \(tiny\)", end), end
+    log = (project / "results" / "runs" / "tiny" / points[0] / "train.log").read_text()
+    assert re.search(r"^step 16/16 \(100%\)  loss \S+  val_accuracy \S+  \S+  eta \S+$", log, re.M), log
+
+
+@pytest.mark.slow
 def test_tiny_study_has_its_trials(project: Path) -> None:
     import optuna
 
@@ -245,7 +365,7 @@ def test_changing_one_point_reruns_only_it(project: Path) -> None:
     grid["product"]["model.mixer.kind"] = ["palimpsa", "mamba2", "gated_deltanet"]
     try:
         path.write_text(yaml.safe_dump(grid))
-        proc = run_tiny(project, "-n")
+        proc = run_tiny(project, "-n", "--quiet", "host")  # job blocks back on, to name the new point
         assert proc.returncode == 0, proc.stderr[-3000:]
         counts = job_counts(proc.stdout + proc.stderr)
         assert counts.get("train") == 1 and counts.get("point_config") == 1, counts
@@ -274,6 +394,26 @@ def test_failing_run_fails_alone(project: Path) -> None:
     assert len(ok) == 1, "the good point of the grid still finished"
     counts = job_counts(out)
     assert "train" in counts and counts.get("tune_worker", 0) == 0, "nothing of the finished grid reran"
+
+
+@pytest.mark.slow
+def test_force_retrains_a_point_in_a_new_mlflow_run(project: Path) -> None:
+    runs = mlflow_runs(project, "tiny")
+    before = {r.data.tags["grid.point"]: r for r in runs if r.data.tags.get("palimpsa.role") == "point"}
+    point = sorted(before)[0]
+    metrics = project / "results" / "runs" / "tiny" / point / "metrics.json"
+    proc = run_tiny(project, "--force", str(metrics.relative_to(project)))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert job_counts(proc.stdout + proc.stderr) == {"train": 1}
+    result = json.loads(metrics.read_text())
+    assert result["resumed"] is False and result["steps"] == 16
+    runs = {r.info.run_id: r for r in mlflow_runs(project, "tiny")}
+    old, new = runs[before[point].info.run_id], runs[result["mlflow_run_id"]]
+    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
+    assert old.data.tags["palimpsa.superseded_by"] == new.info.run_id
+    assert new.data.tags["grid.point"] == point and "palimpsa.resumed" not in new.data.tags
+    history = (metrics.parent / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [4, 8, 12, 16]
 
 
 # --------------------------------------------------------------------------- GPU slots

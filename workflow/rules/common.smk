@@ -11,16 +11,22 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
 BASEDIR = str(Path(workflow.basedir).resolve())
 sys.path.insert(0, BASEDIR)  # the checkout's palimpsa package, installed or not
-# Jobs import it too, whatever their working directory (--directory) and wherever they run.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [BASEDIR, os.environ.get("PYTHONPATH")]))
 
 from palimpsa.config import ConfigError  # noqa: E402
 from palimpsa.grid import load_grid, schema_errors  # noqa: E402
 from palimpsa.tuning import load_tune_spec  # noqa: E402
 
-PY = sys.executable  # jobs run in the interpreter that runs Snakemake
+# Jobs run in the interpreter that runs Snakemake, or with `--sdm conda` in the environment.yml env that
+# each rule names. The interpreter and the scripts folder reach the shell commands as environment
+# variables ($PALIMPSA_PY, $PALIMPSA_SCRIPTS) and not as params, since a new checkout path or virtualenv
+# must not make Snakemake retrain every point.
+CONDA_ENV = f"{BASEDIR}/environment.yml"
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PY = "python" if USES_CONDA else sys.executable
 SCRIPTS = f"{BASEDIR}/workflow/scripts"
 
 
@@ -51,13 +57,25 @@ TUNING = f"{RESULTS}/tuning"
 TABLES = f"{RESULTS}/tables"
 DATA_CACHE = config["data_cache"]
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
-os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI  # every job (trainer, tuning, report) logs here
 MLFLOW_READY = f"{RESULTS}/meta/mlflow-store.json"
 RUN_OVERRIDES = config["run_overrides"]
 
-# The launcher gives each job its own CUDA_VISIBLE_DEVICES (one free slot per requested gpu) and
-# hides the GPUs from jobs that request none; under SLURM it leaves the allocation alone.
-LAUNCH = f"{PY} {SCRIPTS}/gpu_slot.py --gpus {{resources.gpu}} --"
+# What every job sees, wherever it runs: the checkout's package (whatever the working directory), the
+# MLflow store every job (trainer, tuning, report) logs to, the interpreter and the workflow's scripts.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [BASEDIR, os.environ.get("PYTHONPATH")])),
+    MLFLOW_TRACKING_URI=TRACKING_URI,
+    PALIMPSA_PY=PY,
+    PALIMPSA_SCRIPTS=SCRIPTS,
+)
+
+
+envvars:
+    "PYTHONPATH",
+    "MLFLOW_TRACKING_URI",
+    "PALIMPSA_PY",
+    "PALIMPSA_SCRIPTS",
+
 
 # --------------------------------------------------------------------------- grids
 
@@ -82,6 +100,25 @@ def point_dir(grid, point):
     return f"{RUNS}/{grid}/{point}"
 
 
+def grid_point(wildcards):
+    return GRIDS[wildcards.grid].point(wildcards.point)
+
+
+def write_point_files(wildcards, input, output, log):
+    """The point's run.yaml (tracking included: `palimpsa train` on it reproduces the run) and point.json."""
+    from palimpsa.grid import write_point
+
+    write_point(
+        grid_point(wildcards),
+        GRIDS[wildcards.grid],
+        sweep_file=input.sweep,
+        config_out=output.config,
+        point_out=output.point,
+        tracking_uri=TRACKING_URI,
+    )
+    Path(log[0]).write_text(f"wrote {output.config} and {output.point}\n")
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -103,6 +140,11 @@ def data_marker(cfg):
     return f"{DATA_CACHE}/ready/{data_key(cfg)}.json"
 
 
+def cache_of_marker(marker):
+    """The data cache folder of a dataset marker (DATA_CACHE/ready/<key>.json)."""
+    return str(Path(marker).parent.parent)
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -118,11 +160,34 @@ def table_outputs():
     return [f"{TABLES}/runs.parquet", f"{TABLES}/curves.parquet"] if GRIDS else []
 
 
+def sweep_summaries():
+    return [f"{RUNS}/{g}/summary.json" for g in GRIDS]
+
+
 def all_targets():
-    targets = run_metrics() + tuning_outputs() + table_outputs()
+    targets = run_metrics() + tuning_outputs() + table_outputs() + sweep_summaries()
     if config["report"]["enabled"]:
         targets.append(f"{RESULTS}/report/index.html")
     return targets
+
+
+# --------------------------------------------------------------------------- tuning commands
+
+
+def _storage_arg(study):
+    url = config["tuning"]["storage"]
+    return f"--storage {shlex.quote(url)}" if url else ""
+
+
+def tune_cmd(study, stage):
+    """`python -m palimpsa.tuning` for one stage (init, work, best) of a study."""
+    overrides = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in RUN_OVERRIDES.items())
+    n_trials = config["tuning"]["n_trials"]
+    return (
+        f'"$PALIMPSA_PY" -m palimpsa.tuning {shlex.quote(str(STUDIES[study].path))} --stage {stage}'
+        f" --out {TUNING}/{study} --data-dir {DATA_CACHE} {_storage_arg(study)} {overrides}"
+        f"{f' --n-trials {n_trials}' if n_trials else ''}"
+    )
 
 
 wildcard_constraints:

@@ -8,20 +8,27 @@ rule mlflow_store:
     log:
         f"{RESULTS}/meta/mlflow-store.log",
     localrule: True
+    conda:
+        CONDA_ENV
     shell:
-        "{PY} {SCRIPTS}/mlflow_store.py init --tracking-uri '{TRACKING_URI}' --out {output} > {log} 2>&1"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" init --tracking-uri "$MLFLOW_TRACKING_URI"'
+        " --out {output} > {log} 2>&1"
 
 
 rule dataset:
     """Generate one task dataset (per task config and seed) into the shared cache, once."""
     output:
-        f"{DATA_CACHE}/ready/{{key}}.json",
+        marker=f"{DATA_CACHE}/ready/{{key}}.json",
     params:
         spec=lambda w: json.dumps(DATASETS[w.key], sort_keys=True),
+        cache=lambda w, output: cache_of_marker(output.marker),
     log:
         f"{DATA_CACHE}/ready/{{key}}.log",
     threads: 1
     resources:
         gpu=0,
+    conda:
+        CONDA_ENV
     shell:
-        "{PY} {SCRIPTS}/build_data.py --spec {params.spec:q} --cache {DATA_CACHE} --out {output} > {log} 2>&1"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/build_data.py" --spec {params.spec:q} --cache {params.cache}'
+        " --out {output.marker} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# One tidy results table over every grid point (polars, parquet), the curves, and the report.
+# One tidy results table over every grid point (polars, parquet), the curves, each grid's summary on its
+# MLflow sweep run, and the report.
 
 
 rule collect:
@@ -11,9 +12,28 @@ rule collect:
     log:
         f"{TABLES}/collect.log",
     localrule: True
+    conda:
+        CONDA_ENV
     shell:
-        "{PY} -m palimpsa.results --runs-out {output.runs} --curves-out {output.curves}"
+        '"$PALIMPSA_PY" -m palimpsa.results --runs-out {output.runs} --curves-out {output.curves}'
         " {input.metrics} > {log} 2>&1"
+
+
+rule sweep_summary:
+    """The grid's summary on its sweep run: points, the best point and its metric, the grid's table."""
+    input:
+        sweep=f"{RUNS}/{{grid}}/sweep.json",
+        runs=f"{TABLES}/runs.parquet",
+    output:
+        f"{RUNS}/{{grid}}/summary.json",
+    log:
+        f"{RUNS}/{{grid}}/summary.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    shell:
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" summary --tracking-uri "$MLFLOW_TRACKING_URI"'
+        " --sweep {input.sweep} --table {input.runs} --out {output} > {log} 2>&1"
 
 
 rule report:
@@ -35,11 +55,15 @@ rule report:
         ),
     params:
         module=config["report"]["module"],
-        table=f"{TABLES}/runs.parquet",
-        curves=f"{TABLES}/curves.parquet",
+        # folders and tables the report reads, whether or not this run produced them
+        table=lambda w: f"{TABLES}/runs.parquet",
+        curves=lambda w: f"{TABLES}/curves.parquet",
+        tuning=lambda w: TUNING,
     log:
         f"{RESULTS}/report/build.log",
     localrule: True
+    conda:
+        CONDA_ENV
     shell:
-        "{PY} -m {params.module} --table {params.table}"
-        " --curves {params.curves} --tuning {TUNING} --out {output.html} > {log} 2>&1"
+        '"$PALIMPSA_PY" -m {params.module} --table {params.table}'
+        " --curves {params.curves} --tuning {params.tuning} --out {output.html} > {log} 2>&1"

@@ -1,21 +1,6 @@
 # Optuna studies: one init job, N parallel worker jobs on the same storage, one job for best.yaml.
 
 
-def _storage_arg(study):
-    url = config["tuning"]["storage"]
-    return f"--storage {shlex.quote(url)}" if url else ""
-
-
-def _tune_cmd(study, stage):
-    overrides = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in RUN_OVERRIDES.items())
-    n_trials = config["tuning"]["n_trials"]
-    return (
-        f"{PY} -m palimpsa.tuning {shlex.quote(str(STUDIES[study].path))} --stage {stage}"
-        f" --out {TUNING}/{study} --data-dir {DATA_CACHE} {_storage_arg(study)} {overrides}"
-        + (f" --n-trials {n_trials}" if n_trials else "")
-    )
-
-
 rule tune_init:
     """Create the study and its MLflow parent run once, before the workers race for it."""
     input:
@@ -23,10 +8,12 @@ rule tune_init:
     output:
         f"{TUNING}/{{study}}/study.json",
     params:
-        cmd=lambda w: _tune_cmd(w.study, "init"),
+        cmd=lambda w: tune_cmd(w.study, "init"),
     log:
         f"{TUNING}/{{study}}/init.log",
     localrule: True
+    conda:
+        CONDA_ENV
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -39,7 +26,7 @@ rule tune_worker:
     output:
         f"{TUNING}/{{study}}/worker-{{worker}}.json",
     params:
-        cmd=lambda w: _tune_cmd(w.study, "work"),
+        cmd=lambda w: tune_cmd(w.study, "work"),
     log:
         f"{TUNING}/{{study}}/worker-{{worker}}.log",
     threads: 1
@@ -47,8 +34,11 @@ rule tune_worker:
     priority: 10
     resources:
         gpu=0,
+    conda:
+        CONDA_ENV
     shell:
-        LAUNCH + " {params.cmd} --done-file {output} > {log} 2>&1"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/gpu_slot.py" --gpus {resources.gpu} --'
+        " {params.cmd} --done-file {output} > {log} 2>&1"
 
 
 rule tune_best:
@@ -60,9 +50,11 @@ rule tune_best:
         trials=f"{TUNING}/{{study}}/trials.parquet",
         curves=f"{TUNING}/{{study}}/trial_curves.parquet",
     params:
-        cmd=lambda w: _tune_cmd(w.study, "best"),
+        cmd=lambda w: tune_cmd(w.study, "best"),
     log:
         f"{TUNING}/{{study}}/best.log",
     localrule: True
+    conda:
+        CONDA_ENV
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -1,10 +1,12 @@
-"""MLflow bookkeeping the workflow does once: create the store, create a grid's parent sweep run.
+"""MLflow bookkeeping of the workflow: create the store, create a grid's parent sweep run, summarise it.
 
-    mlflow_store.py init  --tracking-uri URI --out MARKER
-    mlflow_store.py sweep --tracking-uri URI --grid NAME --experiment NAME --out SWEEP_JSON [--tags JSON]
+    mlflow_store.py init    --tracking-uri URI --out MARKER
+    mlflow_store.py sweep   --tracking-uri URI --grid NAME --experiment NAME --out SWEEP_JSON [--tags JSON]
+    mlflow_store.py summary --tracking-uri URI --sweep SWEEP_JSON --table RUNS_PARQUET --out SUMMARY_JSON
 
 Creating a SQLite store from several processes at once races on the schema migration, so the
-workflow runs ``init`` alone before any training job.
+workflow runs ``init`` alone before any training job. ``summary`` runs once every point of the grid has
+finished: the sweep run gets the number of points, the best point (run id, value) and the grid's table.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _write(path: str, data: dict) -> None:
@@ -62,6 +66,54 @@ def sweep(args: argparse.Namespace) -> None:
     )
 
 
+def best_point(table: Any) -> dict[str, Any] | None:
+    """The point with the best final validation metric: accuracy when the grid has it (higher is better),
+    else loss (lower is better). ``table`` is the grid's rows of results/tables/runs.parquet (polars)."""
+    has_accuracy = "metric.val_accuracy" in table.columns and table["metric.val_accuracy"].drop_nulls().len()
+    key = "val_accuracy" if has_accuracy else "val_loss"
+    column = f"metric.{key}"
+    if column not in table.columns:
+        return None
+    rows = table.filter(table[column].is_not_null()).sort(column, descending=bool(has_accuracy))
+    if rows.height == 0:
+        return None
+    row = rows.row(0, named=True)
+    return {"point": row["point"], "metric": key, "value": row[column], "mlflow_run_id": row["mlflow_run_id"]}
+
+
+def _summary_note(grid: str, points: int, best: dict[str, Any] | None) -> str:
+    """The sweep run's description in the UI (markdown)."""
+    text = f"**{grid}**: {points} points finished."
+    if best:
+        text += f" Best {best['metric']}: {best['value']:.4g} at `{best['point']}`"
+        text += f" (run `{best['mlflow_run_id']}`)."
+    return text + " The grid's table is the artifact `table/runs.csv` (and `runs.parquet`)."
+
+
+def summary(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    sweep_info = json.loads(Path(args.sweep).read_text())
+    grid, run_id = sweep_info["grid"], sweep_info["run_id"]
+    table = pl.read_parquet(args.table).filter(pl.col("grid") == grid)
+    best = best_point(table)
+    client = _client(args.tracking_uri)
+    metrics = {"points/finished": float(table.height)}
+    tags = {"mlflow.note.content": _summary_note(grid, table.height, best)}
+    if best:
+        metrics[f"best/{best['metric']}"] = float(best["value"])
+        tags.update({"best.point": best["point"], "best.mlflow_run_id": str(best["mlflow_run_id"])})
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.write_parquet(Path(tmp) / "runs.parquet")
+        table.write_csv(Path(tmp) / "runs.csv")
+        client.log_artifacts(run_id, tmp, "table")
+    _write(args.out, {**sweep_info, "points": table.height, "best": best})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--description", default="")
     p_sweep.add_argument("--tags", default="{}")
     p_sweep.add_argument("--out", required=True)
+    p_summary = sub.add_parser("summary")
+    p_summary.add_argument("--tracking-uri", required=True)
+    p_summary.add_argument("--sweep", required=True, help="the grid's sweep.json")
+    p_summary.add_argument("--table", required=True, help="results/tables/runs.parquet")
+    p_summary.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        {"init": init, "sweep": sweep}[args.command](args)
+        {"init": init, "sweep": sweep, "summary": summary}[args.command](args)
     except Exception as err:  # one line for the job log: the store is unreachable or malformed
         print(f"error: MLflow store {args.tracking_uri}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
