@@ -51,9 +51,14 @@ def config_digest(cfg: Any, seed: int, *extra: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def split_generator(cfg: Any, seed: int, split: str) -> torch.Generator:
-    """One independent CPU generator per (config, seed, split): the val set does not move with num_train."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_train", "num_val")}
+def split_generator(cfg: Any, seed: int, split: str, exclude: tuple[str, ...] = ()) -> torch.Generator:
+    """One independent CPU generator per (config, seed, split): the val set does not move with num_train.
+
+    ``exclude``: fields left out as well, e.g. new fields a config's data does not depend on (its windows
+    then stay those it had before the field existed).
+    """
+    skip = ("num_train", "num_val", *exclude)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     payload = json.dumps({"fields": fields, "seed": seed, "split": split}, sort_keys=True, default=str)
     value = int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "little") & ((1 << 63) - 1)
     return torch.Generator().manual_seed(value)
