@@ -27,7 +27,7 @@ Runner = Callable[[argparse.Namespace], "int | None"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("palimpsa.cli:train_command", "train one run from a YAML config (resumes from --out)"),
     "convert": ("palimpsa.cli:convert_command", "metaplastic conversion of a checkpoint"),
-    "eval": ("palimpsa.cli:eval_command", "evaluate a checkpoint on its task's validation set"),
+    "eval": ("palimpsa.cli:eval_command", "evaluate a checkpoint on its validation set or zero-shot tasks"),
     "tune": ("palimpsa.tuning:cli_command", "run an Optuna study over a YAML search space"),
     "grid": ("palimpsa.grid:cli_command", "validate ablation grids and list their points"),
     "config": ("palimpsa.cli:config_command", "print a run config fully resolved (every default filled in)"),
@@ -122,11 +122,37 @@ def eval_command(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     parser.add_argument("--data-dir", type=Path, default=None, help="cache folder for generated task data")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="TASK[,TASK...]",
+        help="zero-shot tasks instead of the validation set: local multiple-choice files (YAML, JSON, JSONL) "
+        "or lm-evaluation-harness names (needs lm-eval); repeatable. A run that trained a BPE finds it "
+        "in --data-dir",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (harness tasks)")
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (--tasks)")
 
     def run(args: argparse.Namespace) -> int:
         from palimpsa.training import evaluate_checkpoint, write_json
 
-        result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+        tasks = [name for value in args.tasks for name in value.split(",") if name]
+        if tasks:
+            from palimpsa.zero_shot import evaluate_zero_shot
+
+            result = evaluate_zero_shot(
+                args.checkpoint,
+                tasks,
+                data_dir=args.data_dir,
+                device=args.device,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+            )
+        else:
+            result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
         if args.out is not None:
             write_json(args.out, result)
         print(json.dumps(result))
