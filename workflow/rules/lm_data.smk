@@ -6,6 +6,7 @@
 # train rule needs no change. It waits for its tokenizer: datasets of one corpus (seeds, lengths, sizes)
 # never train the same tokenizer twice, even when they run in parallel.
 
+# What a trained BPE depends on among the task's fields: datasets that agree on them share one tokenizer.
 LM_TOKENIZER_FIELDS = (
     "tokenizer",
     "tokenizer_train_chars",
@@ -17,29 +18,18 @@ LM_TOKENIZER_FIELDS = (
     "text_field",
     "val_fraction",
 )
-
-
-def lm_trains_tokenizer(task):
-    return task["name"] == "lm" and str(task.get("tokenizer") or "").startswith("bpe:")
-
-
-def lm_tokenizer_key(task):
-    """One key per trained tokenizer: the task fields that a BPE depends on."""
-    payload = json.dumps({k: task.get(k) for k in LM_TOKENIZER_FIELDS}, sort_keys=True, default=str)
-    return f"tok-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-LM_TOKENIZERS = {}
-for _spec in DATASETS.values():
-    if lm_trains_tokenizer(_spec["task"]):
-        LM_TOKENIZERS.setdefault(lm_tokenizer_key(_spec["task"]), _spec)
-
-
-def lm_tokenizer_marker(wildcards):
-    task = DATASETS[wildcards.key]["task"]
-    if not lm_trains_tokenizer(task):
-        return []
-    return [f"{DATA_CACHE}/tokenizers/ready/{lm_tokenizer_key(task)}.json"]
+# dataset key -> tokenizer key, for every LM dataset that trains a BPE (tokenizer: bpe:<n>)
+LM_TOKENIZER_OF = {
+    key: "tok-"
+    + hashlib.sha256(
+        json.dumps({f: spec["task"].get(f) for f in LM_TOKENIZER_FIELDS}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+    for key, spec in DATASETS.items()
+    if spec["task"]["name"] == "lm" and str(spec["task"].get("tokenizer") or "").startswith("bpe:")
+}
+# tokenizer key -> one dataset spec that trains it; dataset key -> the tokenizer marker its job waits for
+LM_TOKENIZERS = {tok: DATASETS[key] for key, tok in sorted(LM_TOKENIZER_OF.items())}
+LM_TOKENIZER_INPUT = {key: f"{DATA_CACHE}/tokenizers/ready/{tok}.json" for key, tok in LM_TOKENIZER_OF.items()}
 
 
 rule lm_tokenizer:
@@ -66,7 +56,7 @@ rule lm_tokenizer:
 rule lm_dataset:
     """Tokenize, pack and window one LM dataset (per task config and seed) into the shared cache, once."""
     input:
-        tokenizer=lm_tokenizer_marker,
+        tokenizer=lambda w: LM_TOKENIZER_INPUT.get(w.key, []),
     output:
         marker=f"{DATA_CACHE}/ready/{{key}}.json",
     params:
