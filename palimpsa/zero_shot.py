@@ -229,10 +229,8 @@ def harness_model(scorer: Scorer) -> Any:
     return PalimpsaHarnessLM()
 
 
-def run_harness(
-    scorer: Scorer, names: list[str], limit: int | None = None, num_fewshot: int = 0
-) -> dict[str, dict[str, float]]:
-    """Harness results per task: its numeric metrics, with the ``,none`` filter suffix dropped."""
+def import_harness(names: list[str]) -> Any:
+    """``lm_eval``, or one TaskError that names the tasks and the package."""
     try:
         import lm_eval  # optional: only named harness tasks need it
     except ImportError:
@@ -240,6 +238,14 @@ def run_harness(
             f"--tasks {','.join(names)}: harness tasks need lm-evaluation-harness (pip install lm-eval); "
             "local multiple-choice files run without it"
         ) from None
+    return lm_eval
+
+
+def run_harness(
+    scorer: Scorer, names: list[str], limit: int | None = None, num_fewshot: int = 0
+) -> dict[str, dict[str, float]]:
+    """Harness results per task: its numeric metrics, with the ``,none`` filter suffix dropped."""
+    lm_eval = import_harness(names)
     try:
         results = lm_eval.simple_evaluate(
             model=harness_model(scorer), tasks=names, num_fewshot=num_fewshot, limit=limit
@@ -269,6 +275,10 @@ def evaluate_zero_shot(
     num_fewshot: int = 0,
 ) -> dict[str, Any]:
     """Scores of a language-model checkpoint on ``tasks`` (local files and harness names, in any mix)."""
+    local = [load_local_task(t) for t in tasks if is_local_task(t)]  # bad input fails before any work
+    named = [t for t in tasks if not is_local_task(t)]
+    if named:
+        import_harness(named)
     model, cfg = load_model(checkpoint)
     if not isinstance(cfg.task, LMConfig):
         kind = getattr(cfg.task, "name", None)
@@ -281,11 +291,8 @@ def evaluate_zero_shot(
         raise TaskError(f"{checkpoint}: {sizes}")
     amp = autocast_for(dev, cfg.train.precision)
     scorer = Scorer(model, tokenizer, cfg.task.seq_len, batch_size, amp)
-    local = [t for t in tasks if is_local_task(t)]
-    named = [t for t in tasks if not is_local_task(t)]
     results: dict[str, dict[str, float]] = {}
-    for path in local:
-        task = load_local_task(path)
+    for task in local:
         results[task.name] = score_multiple_choice(task, scorer, limit)
     if named:
         results.update(run_harness(scorer, named, limit, num_fewshot))
