@@ -174,6 +174,9 @@ class TrainConfig:
     # (weights, gradients, optimizer state) in bf16, recurrent states still fp32 inside the ops
     precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = "auto"
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # torch.compile the model's torch parts for training steps (the recurrence ops run as they are); if
+    # compilation fails on the first step the run warns once and trains eagerly (metrics.json says which)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -69,3 +69,18 @@ def test_recall_by_gap_bins() -> None:
     correct = torch.tensor([[True, False, True, True]])
     distances = torch.tensor([[2, 3, 9, -1]])  # -1: no earlier occurrence, left out
     assert recall_by_gap(correct, distances) == {"recall_gap.2-3": 0.5, "recall_gap.8-15": 1.0}
+
+
+def test_compiled_and_eager_steps_give_the_same_losses(tmp_path) -> None:
+    """torch.compile of the model's torch parts (the ops run as they are) trains the same steps."""
+    from palimpsa.training import Trainer
+
+    losses = {}
+    for compile_ in (False, True):
+        raw = tiny_config(train={"compile": compile_, "num_threads": 1}, tracking={"enabled": False})
+        trainer = Trainer(config_from_dict(raw), tmp_path / str(compile_))
+        batches = trainer.train_batches.from_step(0)
+        losses[compile_] = [float(trainer.train_step(*next(batches))[0]) for _ in range(3)]
+        if compile_:
+            assert trainer.net.status == "compiled"
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)

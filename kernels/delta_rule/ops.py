@@ -31,6 +31,7 @@ def _fla_delta_rule(q, k, v, beta, log_alpha, scale, initial_state, output_final
     return y, (None if ht is None else ht.transpose(-1, -2))
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def delta_rule(
     q: Tensor,
     k: Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kernels.backends import resolve_backend
@@ -37,6 +38,7 @@ def _run(op, q, k, v, log_alpha, scale, initial_state, output_final_state, backe
     return per_sequence(fn, [q, k, v, log_alpha], scale, initial_state, output_final_state, cu_seqlens)
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def simple_gla(
     q: Tensor,
     k: Tensor,
@@ -60,6 +62,7 @@ def simple_gla(
     )
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def linear_attention(
     q: Tensor,
     k: Tensor,

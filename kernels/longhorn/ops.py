@@ -6,12 +6,14 @@ already does the O(T V K) elementwise work a chunk form would, and serves every 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kernels.backends import resolve_backend
 from kernels.longhorn.naive import naive_recurrent_longhorn
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def longhorn(
     q: Tensor,
     k: Tensor,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kernels.backends import resolve_backend
 from kernels.mesa.naive import MesaState, naive_chunk_mesa, naive_recurrent_mesa
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def mesa(
     q: Tensor,
     k: Tensor,

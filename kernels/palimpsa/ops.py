@@ -51,6 +51,7 @@ def torch_form(device: torch.device, seq_len: int):
     return naive_chunk_palimpsa
 
 
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def palimpsa_attn(
     q: Tensor,
     k: Tensor,
@@ -108,6 +109,7 @@ def palimpsa_attn(
 
 
 @torch.no_grad()
+@torch.compiler.disable  # compiled models call the op as it is: its kernels are already fused
 def fused_recurrent_palimpsa(
     q: Tensor,
     k: Tensor,

@@ -29,6 +29,7 @@ RESUME_IGNORED = (
     "train.device",
     "train.checkpoint_every",
     "train.log_every",
+    "train.compile",
 )
 
 

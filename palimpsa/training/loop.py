@@ -31,6 +31,7 @@ from palimpsa.training.files import CHECKPOINT, HISTORY, write_history
 from palimpsa.training.optim import learning_rate, make_optimizer
 from palimpsa.training.progress import Progress
 from palimpsa.training.runtime import (
+    CompileOrEager,
     StopSignals,
     autocast_for,
     peak_memory_mib,
@@ -95,6 +96,8 @@ class Trainer:
         if cfg.train.precision == "pure_bf16":  # weights, gradients and AdamW moments all in bf16
             self.model.to(torch.bfloat16)
         self.net = self.model if self.dist is None else self.dist.wrap(self.model)  # what training calls
+        if cfg.train.compile:
+            self.net = CompileOrEager(self.net)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rank_slice = None if self.dist is None else self.dist.local_slice(self.plan.batch_size)
@@ -306,6 +309,7 @@ class Trainer:
             "peak_memory_kind": memory_kind,
             "device": str(self.device),
             "precision": precision_name(self.cfg.train.precision, self.amp),
+            "compiled": isinstance(self.net, CompileOrEager) and self.net.status == "compiled",
             "num_threads": torch.get_num_threads(),
             "resumed": self.resumed,
             "world_size": 1 if self.dist is None else self.dist.world_size,

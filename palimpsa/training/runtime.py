@@ -7,6 +7,7 @@ import resource
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,31 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class CompileOrEager:
+    """Calls ``torch.compile(module)``; if compiling fails on the first call, warns once and calls the module
+    eagerly from then on (a machine without a working compiler still trains). ``status`` says which ran."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.eager, self.compiled = module, torch.compile(module)
+        self.status = "pending"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.status == "eager":
+            return self.eager(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as err:
+            if self.status == "compiled":
+                raise
+            self.status = "eager"
+            warnings.warn(
+                f"torch.compile failed, training eagerly: {type(err).__name__}: {err}"[:400], stacklevel=2
+            )
+            return self.eager(*args, **kwargs)
+        self.status = "compiled"
+        return out
 
 
 class StopSignals:
