@@ -4,7 +4,8 @@
 # `lm_dataset` writes the marker that training jobs already wait for (DATA_CACHE/ready/<key>.json, see
 # data.smk) for the LM keys and takes them over from the generic `dataset` rule (ruleorder below), so the
 # train rule needs no change. It waits for its tokenizer: datasets of one corpus (seeds, lengths, sizes)
-# never train the same tokenizer twice, even when they run in parallel.
+# never train the same tokenizer twice, even when they run in parallel. Both rules take up to 8 cores:
+# tokenizers trains and encodes on as many threads as the job has (RAYON_NUM_THREADS).
 
 # What a trained BPE depends on among the task's fields: datasets that agree on them share one tokenizer.
 LM_TOKENIZER_FIELDS = (
@@ -43,13 +44,14 @@ rule lm_tokenizer:
         f"{DATA_CACHE}/tokenizers/ready/{{tok}}.log",
     wildcard_constraints:
         tok=r"tok-[0-9a-f]{12}",
-    threads: 1
+    threads: 8
     resources:
         gpu=0,
     conda:
         CONDA_ENV
     shell:
-        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS"/prepare_lm.py --task-json {params.spec:q} --cache {params.cache}'
+        'RAYON_NUM_THREADS={threads} "$PALIMPSA_PY" "$PALIMPSA_SCRIPTS"/prepare_lm.py'
+        " --task-json {params.spec:q} --cache {params.cache}"
         " --tokenizer-only --out {output.marker} > {log} 2>&1"
 
 
@@ -66,13 +68,14 @@ rule lm_dataset:
         f"{DATA_CACHE}/ready/{{key}}.log",
     wildcard_constraints:
         key=r"lm-[0-9a-f]{12}",
-    threads: 1
+    threads: 8
     resources:
         gpu=0,
     conda:
         CONDA_ENV
     shell:
-        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS"/prepare_lm.py --task-json {params.spec:q} --cache {params.cache}'
+        'RAYON_NUM_THREADS={threads} "$PALIMPSA_PY" "$PALIMPSA_SCRIPTS"/prepare_lm.py'
+        " --task-json {params.spec:q} --cache {params.cache}"
         " --out {output.marker} > {log} 2>&1"
 
 
