@@ -23,14 +23,14 @@ LM_TOKENIZER_FIELDS = (
 LM_TOKENIZER_OF = {
     key: "tok-"
     + hashlib.sha256(
-        json.dumps({f: spec["task"].get(f) for f in LM_TOKENIZER_FIELDS}, sort_keys=True, default=str).encode()
+        json.dumps({f: s["task"].get(f) for f in LM_TOKENIZER_FIELDS}, sort_keys=True, default=str).encode()
     ).hexdigest()[:12]
-    for key, spec in DATASETS.items()
-    if spec["task"]["name"] == "lm" and str(spec["task"].get("tokenizer") or "").startswith("bpe:")
+    for key, s in DATASETS.items()
+    if s["task"]["name"] == "lm" and str(s["task"].get("tokenizer") or "").startswith("bpe:")
 }
 # tokenizer key -> one dataset spec that trains it; dataset key -> the tokenizer marker its job waits for
 LM_TOKENIZERS = {tok: DATASETS[key] for key, tok in sorted(LM_TOKENIZER_OF.items())}
-LM_TOKENIZER_INPUT = {key: f"{DATA_CACHE}/tokenizers/ready/{tok}.json" for key, tok in LM_TOKENIZER_OF.items()}
+LM_TOKENIZER_INPUT = {k: f"{DATA_CACHE}/tokenizers/ready/{tok}.json" for k, tok in LM_TOKENIZER_OF.items()}
 
 
 rule lm_tokenizer:
