@@ -114,7 +114,7 @@ def test_shipped_run_configs_are_valid() -> None:
     assert len(paths) >= 4, paths
     for path in paths:
         cfg = load_config(path)
-        assert cfg.task.name == "mqar" and cfg.model.mixer.kind in MIXER_KINDS, path
+        assert cfg.task.name in ("mqar", "lm") and cfg.model.mixer.kind in MIXER_KINDS, path
 
 
 # --------------------------------------------------------------------------- fuzzing the validator
