@@ -26,7 +26,7 @@ from palimpsa.tasks import build_task
 from palimpsa.tracking import grouped
 from palimpsa.training.batches import Batches, Plan
 from palimpsa.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, seed_everything
-from palimpsa.training.evaluation import ValidationSet, evaluate, masked_cross_entropy
+from palimpsa.training.evaluation import ValidationSet, evaluate, masked_cross_entropy, summary_metrics
 from palimpsa.training.files import CHECKPOINT, HISTORY, write_history
 from palimpsa.training.optim import learning_rate, make_optimizer
 from palimpsa.training.progress import Progress
@@ -315,7 +315,7 @@ class Trainer:
             "world_size": 1 if self.dist is None else self.dist.world_size,
             "backends": self.model.backends(),
             "mlflow_run_id": st.mlflow_run_id,
-            **{k: v for k, v in last_eval.items() if k.startswith("recall_gap.")},
+            **summary_metrics(self.data, last_eval),
             **last_eval["diagnostics"],
         }
         if self.data.metric == "accuracy":

@@ -253,7 +253,7 @@ def _summary_metrics(result: dict[str, Any], evaluated_at_end: bool) -> dict[str
     for key, value in result.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key in skip:
             continue
-        if key.startswith(("diag.", "recall_gap.")) and not evaluated_at_end:
+        if key.startswith(("diag.", "recall_gap.", "val_loss_pos.")) and not evaluated_at_end:
             continue
         out[key] = value
     if evaluated_at_end:
