@@ -196,7 +196,6 @@ class Trainer:
             st.tokens, window_tokens = st.tokens + tokens, window_tokens + tokens
             st.steps_since_eval, st.steps_since_log = st.steps_since_eval + 1, st.steps_since_log + 1
             meter.add(loss, grad_norm, st.step)
-            progress.update(st.step, last_loss)
             if st.step % train.log_every == 0:
                 window_seconds += read_back()
                 last_loss = st.loss_sum_since_log / st.steps_since_log
@@ -210,6 +209,7 @@ class Trainer:
                 tracker.log_metrics(grouped(metrics), step=st.step)  # train/loss, train/lr, ...
                 meter.reset_log(st)
                 window_tokens, window_seconds = 0, 0.0
+            progress.update(st.step, last_loss)  # after the log interval's read-back: the loss is current
             if st.step % plan.eval_every == 0 or st.step == plan.total_steps:
                 window_seconds += read_back()
                 last_eval = self.run_eval(tracker, st.loss_sum_since_eval / max(st.steps_since_eval, 1))

@@ -30,6 +30,28 @@ def _read_yaml(path):
         return None
 
 
+def _experiment_ids():
+    """(name, MLflow experiment id) of each grid (from its sweep.json) and each study (from the store)."""
+    found = []
+    for grid in GRIDS:
+        sweep = _read_json(f"{RUNS}/{grid}/sweep.json")
+        if sweep:
+            found.append((grid, sweep["experiment_id"]))
+    studies = [(s, (_read_json(f"{TUNING}/{s}/study.json") or {}).get("experiment")) for s in STUDIES]
+    if any(name for _, name in studies):
+        try:
+            import mlflow
+
+            client = mlflow.MlflowClient(TRACKING_URI)
+            for study, name in studies:
+                experiment = client.get_experiment_by_name(name) if name else None
+                if experiment is not None:
+                    found.append((study, experiment.experiment_id))
+        except Exception:  # the links are a convenience; the store may be out of reach from here
+            pass
+    return found
+
+
 def mlflow_ui_lines():
     """The command that opens the UI on this store and the page of each grid's runs."""
     db = TRACKING_URI.removeprefix("sqlite:///") if TRACKING_URI.startswith("sqlite:///") else None
@@ -39,11 +61,7 @@ def mlflow_ui_lines():
         command, address = None, TRACKING_URI.rstrip("/")
     else:
         command, address = f"mlflow ui --backend-store-uri {TRACKING_URI}", UI_ADDRESS
-    pages = []
-    for grid in GRIDS:
-        sweep = _read_json(f"{RUNS}/{grid}/sweep.json")
-        if sweep:
-            pages.append(f"{address}/#/experiments/{sweep['experiment_id']}/runs ({grid})")
+    pages = [f"{address}/#/experiments/{exp_id}/runs ({name})" for name, exp_id in _experiment_ids()]
     pages = pages or [f"{address}/#/experiments"]
     verb = "then open" if command else "open"
     steps = [command] if command else []
