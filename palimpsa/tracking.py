@@ -88,6 +88,7 @@ METRIC_GROUPS = {
     "best_val_loss": "val/best_loss",
     "best_val_accuracy": "val/best_accuracy",
     "best_step": "val/best_step",
+    "unigram_loss": "val/unigram_loss",
     "wall_seconds": "time/wall_seconds",
     "train_seconds": "time/train_seconds",
     "steps": "run/steps",
@@ -98,7 +99,11 @@ METRIC_GROUPS = {
     "num_threads": "run/num_threads",
     "world_size": "run/world_size",
 }
-METRIC_FAMILIES = {"diag.": "diag/", "recall_gap.": "val/recall_gap/"}
+METRIC_FAMILIES = {
+    "diag.": "diag/",
+    "recall_gap.": "val/recall_gap/",
+    "val_loss_pos.": "val/loss_by_position/",
+}
 _FLAT = {group: flat for flat, group in METRIC_GROUPS.items()}
 
 

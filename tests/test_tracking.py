@@ -179,7 +179,8 @@ def test_metric_names_are_grouped_and_map_back():
     assert mlflow_metric("train_loss") == "train/loss" and mlflow_metric("val_accuracy") == "val/accuracy"
     assert mlflow_metric("recall_gap.0-7") == "val/recall_gap/0-7"
     assert mlflow_metric("diag.l0.h1.horizon") == "diag/l0.h1.horizon"
-    for flat in ("recall_gap.8-15", "diag.l1.h0.i_over_ip_q90", "diag.horizon"):
+    assert mlflow_metric("val_loss_pos.64-127") == "val/loss_by_position/64-127"
+    for flat in ("recall_gap.8-15", "diag.l1.h0.i_over_ip_q90", "diag.horizon", "val_loss_pos.0-0"):
         assert flat_metric(mlflow_metric(flat)) == flat
     assert flat_metric("system/cpu_utilization_percentage") == "system/cpu_utilization_percentage"
     assert len(set(METRIC_GROUPS.values())) == len(METRIC_GROUPS), "two flat names share a grouped one"
