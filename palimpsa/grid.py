@@ -365,8 +365,11 @@ def _hash_view(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Short stable hash of what a run computes (execution-only keys left out)."""
-    text = json.dumps(_hash_view(cfg), sort_keys=True, default=str)
+    """Short stable hash of what a run computes: its values that differ from the defaults (execution-only
+    keys left out). Relative to the defaults, so that a new option added at its default renames no point."""
+    defaults = flatten(config_to_dict(config_from_dict({"task": {"name": cfg["task"]["name"]}})))
+    view = {k: v for k, v in flatten(_hash_view(cfg)).items() if k not in defaults or defaults[k] != v}
+    text = json.dumps(view, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -69,7 +69,7 @@ def test_parallel_training_jobs_share_one_fresh_sqlite_store(tmp_path: Path) -> 
     for i in range(JOBS):  # each run holds its own final metrics, not a neighbour's
         metrics = yaml.safe_load((tmp_path / f"run{i}" / "metrics.json").read_text())
         (run,) = [r for r in runs if r.info.run_id == metrics["mlflow_run_id"]]
-        assert run.info.run_name == f"conc-{i}" and run.data.metrics["steps"] == 24
+        assert run.info.run_name == f"conc-{i}" and run.data.metrics["run/steps"] == 24
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path:
     client = MlflowClient(uri)
     (run_,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert run_.info.status == "FINISHED" and run_.info.run_id == m2["mlflow_run_id"]
-    logged = sorted((m.step, m.value) for m in client.get_metric_history(run_.info.run_id, "train_loss"))
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run_.info.run_id, "train/loss"))
     assert [s for s, _ in logged] == list(range(1, STEPS + 1))
     assert [v for _, v in logged] == pytest.approx([h["train_loss"] for h in one], abs=1e-5)
     assert not list((tmp_path / "two").glob(".*")), "temporary files left behind"

@@ -149,7 +149,7 @@ def test_grid_runs_are_finished_in_the_tracking_server(project: dict) -> None:
     assert {r.data.tags["mlflow.parentRunId"] for r in points} == {sweep[0].info.run_id}
     assert sorted(r.data.params["model.mixer.kind"] for r in points) == sorted(KINDS)
     for r in points:
-        assert r.data.metrics["steps"] == 8
+        assert r.data.metrics["run/steps"] == 8
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert "metrics.json" in names, names  # artifacts went through the server's proxy
     runs_dir = project["work"] / "results" / "runs" / "pggrid"

@@ -146,14 +146,27 @@ def test_gpu_example_config_gives_the_committed_runs() -> None:
     """Rerunning the example's config trains exactly the points its committed report was built from."""
     import polars as pl
 
-    from palimpsa.grid import load_grid
+    from palimpsa.grid import EXECUTION_KEYS, load_grid
+    from palimpsa.io import flatten, yaml_load
 
     example = ROOT / "reports" / "examples" / "scale-gpu"
     overrides = yaml.safe_load((example / "workflow.yaml").read_text())["run_overrides"]
     grid = load_grid(example / "scale-depth2.yaml", extra=overrides)
     committed = pl.read_parquet(example / "runs.parquet")
     assert set(committed.get_column("grid")) == {grid.name}
-    assert sorted(committed.get_column("point")) == sorted(p.point_id for p in grid.points)
+    # The same points by their labels (the hash part of an id moved when the hash became relative to the
+    # defaults), and every config value the committed runs recorded is the one the point resolves to now.
+    label = {p.point_id.rsplit("-", 1)[0]: p for p in grid.points}
+    assert sorted(point.rsplit("-", 1)[0] for point in committed.get_column("point")) == sorted(label)
+    for row in committed.iter_rows(named=True):
+        resolved = flatten(label[row["point"].rsplit("-", 1)[0]].resolve())
+        recorded = {  # MLflow params come back as text; read them as config files are read
+            k[4:]: (None if v == "None" else yaml_load(v)) if isinstance(v, str) else v
+            for k, v in row.items()
+            if k.startswith("cfg.") and v is not None and not k[4:].startswith(EXECUTION_KEYS)
+        }
+        differing = {k: (v, resolved.get(k)) for k, v in recorded.items() if resolved.get(k) != v}
+        assert not differing, (row["point"], differing)
 
 
 def test_bad_workflow_config_names_the_key(tmp_path: Path) -> None:
