@@ -25,6 +25,7 @@ rule all:
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/lm_data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/results.smk"
