@@ -139,6 +139,21 @@ def test_triton_larger_chunks_and_heads(T, K, V, chunk_size):
     _check(_chunk_delta_rule(), _leaves(x, gated=True), torch.float32, 1e-4, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize(("K", "V"), [(256, 20), (24, 256)])
+def test_triton_wide_heads_take_the_small_tiles(K, V):
+    """K or V = 256: chunks of 32 by default (the WY kernels' [C, K] and [C, V] tiles), and for K = 256 V
+    blocks of 16 and two pipelining stages (``walk_config``): what fits an H200's shared memory."""
+    x = inputs(1, 37, 1, K, V, seed=K + V, delta=True)
+    _check(_chunk_delta_rule(), _leaves(x, gated=True), torch.float32, 1e-4)
+
+
+def test_triton_rejects_chunks_too_large_for_wide_values():
+    fn = _chunk_delta_rule()
+    q, v = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 256)
+    with pytest.raises(ValueError, match="overflow shared memory"):
+        fn(q, q, v, torch.rand(1, 8, 1), chunk_size=64)
+
+
 @pytest.mark.parametrize("gate", ["zero", "strong"])
 def test_triton_linear_attention_and_strong_decays(gate):
     x = inputs(2, 45, 2, 16, 16, seed=11, gate=gate, delta=True)

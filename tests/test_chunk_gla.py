@@ -169,10 +169,45 @@ def test_triton_keeps_16_bit_outputs_and_fp32_states():
     assert ((S - S_ref).norm() / S_ref.norm()).item() < 1e-3
 
 
+def test_triton_wide_heads_take_the_small_tiles():
+    """K = 256: chunks of 32 by default (``default_chunk_size``), V blocks of 16 (three of them for V = 48)
+    and two pipelining stages (``walk_config``), the configuration that fits an H200's shared memory."""
+    x = inputs(1, 41, 1, 256, 48, seed=31)
+    _check(_chunk_simple_gla(), x, torch.float32, 1e-4)
+
+
+def test_walk_config_keeps_the_baselines_and_shrinks_what_overflowed():
+    """The launch constants (no kernel runs): the baselines' K = 16, V = 32 as before (V block 32, Triton's
+    default 3 stages, chunks of 64), and the delta rule's fp32 backward at K = V = 64, which needed 262656
+    bytes of shared memory on sm_90 with V blocks of 64, now in blocks of 32."""
+    _chunk_simple_gla()
+    from kernels.gla.chunk import WalkConfig, default_chunk_size, walk_config
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for state_values in (False, True):
+            assert default_chunk_size(16, 32, state_values) == 64
+            for backward in (False, True):
+                assert walk_config(16, 32, 64, dtype, state_values, backward) == WalkConfig(16, 32, 3)
+    assert walk_config(64, 64, 64, torch.float32, True, backward=True) == WalkConfig(64, 32, 3)
+    assert walk_config(64, 64, 64, torch.bfloat16, True, backward=True) == WalkConfig(64, 64, 3)
+    assert walk_config(128, 128, 64, torch.float32, True, backward=True) == WalkConfig(128, 16, 2)
+    assert default_chunk_size(256, 16, False) == default_chunk_size(16, 256, True) == 32
+    assert default_chunk_size(16, 256, False) == default_chunk_size(128, 128, True) == 64
+    assert walk_config(256, 256, 32, torch.bfloat16, False, backward=False) == WalkConfig(256, 16, 2)
+    with pytest.raises(ValueError, match="chunk_size <= 32"):
+        walk_config(256, 16, 64, torch.float32, False, backward=False)
+    with pytest.raises(ValueError, match="chunk_size <= 64"):
+        walk_config(16, 32, 128, torch.bfloat16, False, backward=False)
+
+
 def test_triton_rejects_bad_chunk_sizes_and_unflattened_varlen():
     fn = _chunk_simple_gla()
     q = torch.randn(2, 8, 1, 4)
-    with pytest.raises(ValueError, match="power of two"):
-        fn(q, q, q, q[..., 0], chunk_size=24)
+    for chunk_size in (24, 128):
+        with pytest.raises(ValueError, match="power of two"):
+            fn(q, q, q, q[..., 0], chunk_size=chunk_size)
     with pytest.raises(ValueError, match="B == 1"):
         fn(q, q, q, q[..., 0], cu_seqlens=torch.tensor([0, 8]))
+    wide = torch.randn(1, 8, 1, 256)
+    with pytest.raises(ValueError, match="overflow shared memory"):
+        fn(wide, wide, q, q[..., 0], chunk_size=64)

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.delta_rule.wy import wy_pieces_triton
-from kernels.gla.chunk import ChunkWalkFunction, check_chunk_size, flatten_tokens, layout_for
+from kernels.gla.chunk import (
+    ChunkWalkFunction,
+    check_chunk_size,
+    default_chunk_size,
+    flatten_tokens,
+    layout_for,
+)
 from kernels.palimpsa.utils import SequenceLayout
 
 
@@ -64,12 +70,15 @@ def chunk_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(Gated) delta rule, WY pieces in torch and the walk in Triton; same contract as
-    ``naive_recurrent_delta_rule``. With ``cu_seqlens`` the batch is flattened (``B == 1``) and the states are
-    ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32."""
+    """(Gated) delta rule, WY pieces and the walk in Triton; same contract as ``naive_recurrent_delta_rule``.
+    With ``cu_seqlens`` the batch is flattened (``B == 1``) and the states are ``[N, H, V, K]``. ``y`` comes
+    back in the inputs' dtype, the final state in fp32. ``chunk_size``: 64, 32 when K or V is above 128
+    (``default_chunk_size``)."""
     B, T, H, K = q.shape
+    if chunk_size is None:
+        chunk_size = default_chunk_size(K, v.shape[-1], state_values=True)
     check_chunk_size(chunk_size)
     scale = K**-0.5 if scale is None else float(scale)
     layout = layout_for(B, T, cu_seqlens, chunk_size, q.device)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.gla.chunk import dot_precision
+from kernels.gla.chunk import MAX_TILE, dot_precision
 from kernels.palimpsa.utils import SequenceLayout, next_pow2
 
 
@@ -159,6 +159,19 @@ def _wy_bwd(
 NUM_WARPS = 4
 
 
+def wy_blocks(K: int, V: int, C: int) -> tuple[int, int]:
+    """``(BK, BV)``: K and V whole, padded to powers of two (at least 16 for ``tl.dot``). The [C, K] and
+    [C, V] tiles stay within ``MAX_TILE`` (64 x 128) elements: at 64 x 256 the backward overflows shared
+    memory on sm_90 (344064 bytes at K = V = 256 with bf16 inputs; 278528 at K = 256, V = 128)."""
+    BK, BV = max(16, next_pow2(K)), max(16, next_pow2(V))
+    if C * max(BK, BV) > MAX_TILE:
+        raise ValueError(
+            f"chunk_size {C} with K = {K}, V = {V}: the WY kernels' [C, K] and [C, V] tiles overflow shared "
+            f"memory; use chunk_size <= {max(16, MAX_TILE // max(BK, BV))}"
+        )
+    return BK, BV
+
+
 class WYFunction(torch.autograd.Function):
     """``(U, W_k)``, chunk-major ``[NT, H, C, D]`` fp32, from flattened ``k [1, TT, H, K]``,
     ``v [1, TT, H, V]``, ``beta [1, TT, H]`` and the chunk-local cumulative log-decay ``G [NT, H, C]`` fp32
@@ -169,7 +182,7 @@ class WYFunction(torch.autograd.Function):
         _, TT, H, K = k.shape
         V = v.shape[-1]
         NT = layout.num_chunks
-        BK, BV = max(16, next_pow2(K)), max(16, next_pow2(V))
+        BK, BV = wy_blocks(K, V, C)
         u = k.new_empty(NT, H, C, V, dtype=torch.float32)
         wk = k.new_empty(NT, H, C, K, dtype=torch.float32)
         gated = G is not None
@@ -188,7 +201,7 @@ class WYFunction(torch.autograd.Function):
         _, TT, H, K = k.shape
         V = v.shape[-1]
         NT = layout.num_chunks
-        BK, BV = max(16, next_pow2(K)), max(16, next_pow2(V))
+        BK, BV = wy_blocks(K, V, C)
         gated = G is not None
         du = torch.zeros_like(u) if du is None else du.contiguous()
         dwk = torch.zeros_like(wk) if dwk is None else dwk.contiguous()

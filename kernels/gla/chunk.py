@@ -46,6 +46,7 @@ thousands in a torch loop over chunks.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -203,11 +204,66 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 NUM_WARPS = 4
 MAX_BV = 64  # V block upper bound: the [BV, BK] state and its gradient stay in registers
+# The most shared memory one block may use on H100 / H200 (sm_90: 227 KiB). A launch that needs more fails
+# with OutOfResources; ``walk_config`` keeps every walk well below it (``kernels.benchmarks.sass_report
+# --shared-grid`` measures each configuration, tests/test_kernel_compile.py checks them).
+SM90_SHARED_LIMIT = 232448
+# Largest [C, D] tile (C * padded head size, in elements) of q, k and (delta rule) W_k that the kernels take:
+# 64 x 128. Beyond it even the smallest V blocks without pipelining overflow shared memory (K = 256 at C = 64:
+# the walk's backward needs up to 315392 bytes with bf16 inputs, the WY backward 344064).
+MAX_TILE = 64 * 128
+# Longest chunk: at 128 the [C, C] products overflow too (271360 bytes for the delta rule's fp32 backward at
+# K = 16, V = 64).
+MAX_CHUNK = 64
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    """``(BK, BV)``: K whole (a power of two, at least 16 for ``tl.dot``), V in blocks of at most MAX_BV."""
-    return max(16, next_pow2(K)), min(max(16, next_pow2(V)), MAX_BV)
+class WalkConfig(NamedTuple):
+    """Launch constants of one walk: ``BK`` (K padded, never split), ``BV`` (the V block of one program) and
+    ``num_stages`` (software pipelining: how many chunks' input tiles are in flight in shared memory)."""
+
+    BK: int
+    BV: int
+    num_stages: int
+
+
+def walk_config(K: int, V: int, C: int, dtype: torch.dtype, state_values: bool, backward: bool) -> WalkConfig:
+    """The walk's blocks and pipelining depth, chosen so that its shared memory stays below
+    ``SM90_SHARED_LIMIT`` with margin (at least 32 KiB left for every K, V in {16, 32, 48, 64, 128, 256}).
+
+    Shared memory is what limits these kernels: every tensor-core product stages an operand tile there (two
+    with fp32 inputs, the high and low halves of "tf32x3"), and Triton's pipelining keeps ``num_stages``
+    chunks of input tiles in flight. Both grow with the [C, BK] tiles of q and k, hence a rule by C * BK:
+
+    - ``C * BK <= 64 * 64`` (K <= 64 at the default C = 64): V blocks of up to 64 and Triton's default 3
+      stages, as before (the baselines' K = 16, V = 32 is unchanged); except the delta rule's backward
+      (``state_values``) with fp32 inputs at ``C * BK = 64 * 64``, whose V blocks are at most 32 (with 64:
+      262656 bytes, the overflow seen on an H200 at K = V = 64);
+    - ``C * BK = 64 * 128`` (K = 128 at C = 64, K = 256 at C = 32): V blocks of 16 and 2 stages (3 stages
+      overflow in the forward: 287232 bytes at fp32 with state values);
+    - above ``MAX_TILE``, or ``C > MAX_CHUNK``: refused, a smaller ``C`` is needed (``default_chunk_size``).
+
+    ``BV * BK`` stays at most 64 * 64 (the state tile and its gradient live in registers). Measured with
+    Triton 3.9 for sm_90 (3.6 gives the same 262656 bytes for the H200's overflow), 4 warps.
+    """
+    BK = max(16, next_pow2(K))
+    if C > MAX_CHUNK or C * BK > MAX_TILE:
+        raise ValueError(
+            f"chunk_size {C} with K = {K}: the walk's tiles overflow shared memory; use chunk_size <= "
+            f"{min(MAX_CHUNK, max(16, MAX_TILE // BK))} (or leave it to default_chunk_size)"
+        )
+    BV = min(max(16, next_pow2(V)), MAX_BV, max(16, 64 * 64 // BK))
+    if C * BK > 64 * 64:
+        return WalkConfig(BK, 16, 2)
+    if backward and state_values and dtype == torch.float32 and C * BK == 64 * 64:
+        BV = min(BV, 32)
+    return WalkConfig(BK, BV, 3)
+
+
+def default_chunk_size(K: int, V: int, state_values: bool) -> int:
+    """64, or the largest power of two that keeps the [C, K] tiles (and for the delta rule's WY kernels the
+    [C, V] tiles, V whole there) within ``MAX_TILE``: 32 when K (or the delta rule's V) is above 128."""
+    D = max(K, V) if state_values else K
+    return min(64, max(16, MAX_TILE // max(16, next_pow2(D))))
 
 
 class ChunkWalkFunction(torch.autograd.Function):
@@ -219,17 +275,17 @@ class ChunkWalkFunction(torch.autograd.Function):
     def forward(ctx, q, k, u, wk, log_alpha, h0, scale, layout: SequenceLayout, output_final: bool, C: int):
         _, TT, H, K = q.shape
         V = u.shape[-1]
-        BK, BV = _blocks(K, V)
+        state_values = wk is not None
+        BK, BV, stages = walk_config(K, V, C, q.dtype, state_values, backward=False)
         N, NT = layout.num_seqs, layout.num_chunks
         hs = q.new_empty(NT, H, V, K, dtype=torch.float32)
         ht = q.new_empty(N, H, V, K, dtype=torch.float32) if output_final else None
         y = q.new_empty(1, TT, H, V)
-        state_values = wk is not None
         _walk_fwd[(triton.cdiv(V, BV), N * H)](
             q, k, u, wk if state_values else u, log_alpha, hs if h0 is None else h0, hs,
             hs if ht is None else ht, y, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, STATE_VALUES=state_values, USE_INIT=h0 is not None,
-            STORE_FINAL=output_final, PREC=dot_precision(q.dtype), num_warps=NUM_WARPS,
+            STORE_FINAL=output_final, PREC=dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=stages,
         )  # fmt: skip
         ctx.save_for_backward(q, k, u, wk, log_alpha, hs)
         ctx.meta = (scale, layout, C, h0 is not None)
@@ -241,10 +297,10 @@ class ChunkWalkFunction(torch.autograd.Function):
         scale, layout, C, use_init = ctx.meta
         _, TT, H, K = q.shape
         V = u.shape[-1]
-        BK, BV = _blocks(K, V)
+        state_values = wk is not None
+        BK, BV, stages = walk_config(K, V, C, q.dtype, state_values, backward=True)
         N, NT = layout.num_seqs, layout.num_chunks
         NV = triton.cdiv(V, BV)
-        state_values = wk is not None
         dy = q.new_zeros(1, TT, H, V) if dy is None else dy.contiguous()
         dq = q.new_empty(NV, TT, H, K, dtype=torch.float32)
         dk = torch.empty_like(dq)
@@ -256,7 +312,7 @@ class ChunkWalkFunction(torch.autograd.Function):
             q, k, u, wk if state_values else u, log_alpha, hs, dy, hs if dht is None else dht.contiguous(),
             dq, dk, du, dwk, dla, dh0, layout.cu_seqlens, layout.chunk_offsets, scale, TT, NT,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, STATE_VALUES=state_values, USE_DFINAL=dht is not None,
-            PREC=dot_precision(q.dtype), num_warps=NUM_WARPS,
+            PREC=dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=stages,
         )  # fmt: skip
         dwk = _sum_blocks(dwk).to(wk.dtype) if state_values else None
         return (
@@ -288,8 +344,11 @@ def layout_for(
 
 
 def check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot tiles), got {chunk_size}")
+    if chunk_size < 16 or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk_size must be a power of two from 16 (tl.dot tiles) to {MAX_CHUNK} (shared memory), "
+            f"got {chunk_size}"
+        )
 
 
 def flatten_tokens(x: Tensor) -> Tensor:
@@ -306,14 +365,17 @@ def chunk_simple_gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Simple GLA through the fused-chunk Triton kernels; same contract as ``naive_recurrent_simple_gla``.
 
     With ``cu_seqlens`` (``[N + 1]`` token offsets) the batch is flattened (``B == 1``) and the states are
-    ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32.
+    ``[N, H, V, K]``. ``y`` comes back in the inputs' dtype, the final state in fp32. ``chunk_size``: 64,
+    32 for K > 128 (``default_chunk_size``).
     """
     B, T, H, K = q.shape
+    if chunk_size is None:
+        chunk_size = default_chunk_size(K, v.shape[-1], state_values=False)
     check_chunk_size(chunk_size)
     scale = K**-0.5 if scale is None else float(scale)
     layout = layout_for(B, T, cu_seqlens, chunk_size, q.device)
