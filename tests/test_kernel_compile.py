@@ -64,3 +64,49 @@ def test_gla_and_delta_rule_walks_compile_for_sm90_with_tensor_core_products(tmp
     for row in rows:
         assert 0 < int(row["regs"]) <= 255, row
         assert int(row["HGMMA"]) + int(row["HMMA"]) > 0, row  # every chunk product on tensor cores
+
+
+# the most shared memory one block may use on an H100 / H200 (kernels.gla.chunk.SM90_SHARED_LIMIT), and
+# what every launch leaves free below it
+SM90_SHARED_LIMIT = 232448
+MARGIN = 32 * 1024
+
+
+def test_every_walk_and_wy_launch_fits_sm90_shared_memory(tmp_path):
+    """Every distinct launch of the walks (simple GLA and the delta rule, forward and backward) and of the
+    delta rule's WY kernels over K, V in {16, 32, 48, 64, 128, 256}, bf16 and fp32 inputs, at the default
+    chunk size, with the blocks and stages ``walk_config`` picks: each needs at least 32 KiB less shared
+    memory than an H200 has per block. With V blocks of 64 the delta rule's backward at K = V = 64, fp32,
+    needed 262656 bytes and did not launch on an H200 (OutOfResources); the measure says so too."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # the shared-memory-only compiles leave partial entries
+    table = tmp_path / "shared.md"
+    cmd = [sys.executable, "-m", "kernels.benchmarks.sass_report", "--shared-grid", "--out", str(table)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = table.read_text().splitlines()
+    assert f"limit {SM90_SHARED_LIMIT}" in lines[0]
+    head = [c.strip() for c in lines[2].strip("|").split("|")]
+    rows = [dict(zip(head, [c.strip() for c in line.strip("|").split("|")], strict=True))
+            for line in lines[4:] if line.startswith("|")]  # fmt: skip
+    kernels = {f"walk_{d} {op}" for d in ("fwd", "bwd") for op in ("gla", "delta")} | {"wy_fwd", "wy_bwd"}
+    assert {r["kernel"] for r in rows} == kernels
+    served = {(r["kernel"], r["dtype"], kv) for r in rows for kv in r["K x V served"].split()}
+    heads = (16, 32, 48, 64, 128, 256)
+    want = {(kernel, dtype, f"{K}x{V}") for kernel in kernels for dtype in ("bf16", "fp32")
+            for K in heads for V in heads}  # fmt: skip
+    assert served == want
+    over = [r for r in rows if int(r["shared"]) > SM90_SHARED_LIMIT - MARGIN]
+    assert not over, over
+    # the launch that failed on the H200, as it was: V blocks of 64, 3 stages
+    probe = (
+        "from kernels.benchmarks import sass_report as s\n"
+        "(_, fn, cx, warps, stages, fp32), = [r for r in s.walk_launches((2, 333, 2, 64, 64), dtype='fp32',"
+        " states=True) if r[0] == 'walk_bwd delta']\n"
+        "assert (cx['BV'], stages) == (32, 3), (cx['BV'], stages)\n"
+        "print(s.shared_bytes(fn, {**cx, 'BV': 64}, warps, 3, 90, 'fp32', fp32))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout.split()[-1]) > SM90_SHARED_LIMIT
