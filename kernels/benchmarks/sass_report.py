@@ -51,8 +51,8 @@ SHAPES = {
     "baseline": (128, 512, 8, 16, 32),  # the Mamba2 / Gated DeltaNet training step of the baselines
 }
 # pointer arguments that are not in the inputs' dtype
-FP32_POINTERS = {"la", "ip", "hm", "hi", "dhm", "dhi", "lm", "li", "h0m", "h0i", "hTm", "hTi", "dTm", "dTi",
-                 "d0m", "d0i", "zla"}  # fmt: skip
+FP32_POINTERS = {"la", "om", "ip", "hm", "hi", "dhm", "dhi", "lm", "li", "h0m", "h0i", "hTm", "hTi", "dTm",
+                 "dTi", "d0m", "d0i", "zla"}  # fmt: skip
 INT_POINTERS = {"cu", "chunk_index", "chunk_offsets"}
 SHOWN = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "BAR", "HGMMA", "HMMA", "LDS", "STS", "LDG", "STG", "RED")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # '/*0a30*/ @P0 FFMA ...'
@@ -96,7 +96,8 @@ def launches(shape, sub: int, chunk_size: int = 64) -> list[tuple[str, object, d
         ("states_fwd", chunk._states_fwd,
          {**common, "BV": bv_states, "USE_INIT": False, "STORE_FINAL": False, "PREC": "tf32"}, 4, False),
         ("output_fwd", chunk._output_fwd,
-         {**common, "BV": chunk._bv(V, BK, cfg["out_bv"]), "STORE_VAR": False}, cfg["out_warps"], False),
+         {**common, "BV": chunk._bv(V, BK, cfg["out_bv"]), "STORE_VAR": False, "FAST_RCP": True},
+         cfg["out_warps"], False),
         ("local_bwd", chunk._local_bwd,
          {**common, "BV": chunk._bv(V, BK, cfg["local_bv"]), "HAS_DVAR": False}, cfg["local_warps"], False),
         (f"main_bwd sub={sub}", chunk._main_bwd,

@@ -7,7 +7,11 @@ Forward
   1. ``_states_fwd``: per (sequence, head, V block) walk the chunks; ``M`` and ``Ibar`` advance by one
      tensor-core product per chunk, ``(u * e^{G_C - G_j})^T @ k``; the state *before* each chunk is stored.
   2. ``_output_fwd``: per (chunk, head, V block), in parallel, replay the chunk token by token from its
-     boundary state (on chip) and read out ``y`` (and the variance).
+     boundary state (on chip) and read out ``y`` (and the variance). It carries the precision itself,
+     ``I = Ibar + Ip``, whose update takes the prior as one scalar per token, ``(1 - alpha_t) Ip`` (from
+     ``expm1``, exact near ``alpha = 1``), so the read-out needs no add; and ``1 / I`` is one special-function
+     op (``rcp.approx``) when compiled. Per element and token: 4 FP32 ops for the two state updates, 2 for
+     ``M / I`` into ``y``, one reciprocal.
 
 Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t, Ibar_t)``
   3. ``_local_bwd``: per chunk in parallel, ``L_c = sum_t e^{G_t} D_t``, the chunk's own pull on its
@@ -24,7 +28,8 @@ Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t,
 Inside the walk, only ``dk`` and ``dq`` need a sum over the V rows of all warps per token (one joint
 reduction). ``d log alpha_t = alpha_t <dS_t, S_{t-1}>`` is formed per token from the same on-chip states (no
 cumulative sums, so no cancellation across the sequence) and left as per-row partials that one torch sum
-over V finishes; the ``Ip`` gradient accumulates elementwise and is reduced once per program.
+over V finishes; the ``Ip`` gradient accumulates elementwise and is reduced once per program. These kernels
+take ``1 / I`` as a squared ``rsqrt``, as they were measured (kernels/benchmarks/notes.md, run 5).
 """
 
 from __future__ import annotations
@@ -84,14 +89,6 @@ def _states_fwd(
 
 
 @triton.jit
-def _reciprocal(x):
-    """``1 / x`` for a precision (``x > 0``): a squared ``rsqrt`` is one special-function op and a multiply,
-    where ``1.0 / x`` compiles to a range-checked division of about six instructions."""
-    r = tl.math.rsqrt(x)
-    return r * r
-
-
-@triton.jit
 def _chunk_span(cu, chunk_index, ic, C: tl.constexpr):
     """First token and length of global chunk ``ic``."""
     n = tl.load(chunk_index + ic * 2)
@@ -101,11 +98,16 @@ def _chunk_span(cu, chunk_index, ic, C: tl.constexpr):
     return t0, tl.minimum(eos - t0, C)
 
 
+# 1 / x for a precision (x > 0) on the special-function unit: one MUFU.RCP (about 1 ulp). Kernels take it
+# under a FAST_RCP constant, true when compiled for a GPU; Triton's interpreter runs no inline assembly.
+RCP_ASM = tl.constexpr("rcp.approx.ftz.f32 $0, $1;")
+
+
 @triton.jit
 def _output_fwd(
-    q, k, u, beta, la, ip, hm, hi, y, var, cu, chunk_index, scale,
+    q, k, u, beta, la, om, ip, hm, hi, y, var, cu, chunk_index, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    STORE_VAR: tl.constexpr,
+    STORE_VAR: tl.constexpr, FAST_RCP: tl.constexpr,
 ):  # fmt: skip
     iv, ic, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_span(cu, chunk_index, ic, C)
@@ -114,27 +116,33 @@ def _output_fwd(
     mv, mk = ov < V, ok < K
     mvk = mv[:, None] & mk[None, :]
     base = (ic.to(tl.int64) * H + h) * V * K
-    sm = tl.load(hm + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
-    si = tl.load(hi + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
     p = tl.load(ip + h).to(tl.float32)
+    sm = tl.load(hm + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0)
+    # the precision itself, I = Ibar + Ip: the prior enters each token's update as one scalar, (1 - alpha) Ip
+    si = tl.load(hi + base + ov[:, None] * K + ok[None, :], mask=mvk, other=0.0) + p
     # token t's inputs are loaded during token t-1, so the loads' latency hides behind the arithmetic
     lan = tl.load(la + t0 * H + h).to(tl.float32)
+    omn = tl.load(om + t0 * H + h)
     kn = tl.load(k + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
     qn = tl.load(q + (t0 * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
     un = tl.load(u + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
     bn = tl.load(beta + (t0 * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
     for t in range(L):
         tok = t0 + t
-        a, kt, qt, ut, bt = tl.exp(lan), kn, qn, un, bn
+        a, c, kt, qt, ut, bt = tl.exp(lan), omn * p, kn, qn, un, bn
         nxt = tl.minimum(tok + 1, t0 + L - 1)  # past the chunk's end: reload the last token, unused
         lan = tl.load(la + nxt * H + h).to(tl.float32)
+        omn = tl.load(om + nxt * H + h)
         kn = tl.load(k + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
         qn = tl.load(q + (nxt * H + h) * K + ok, mask=mk, other=0.0).to(tl.float32)
         un = tl.load(u + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
         bn = tl.load(beta + (nxt * H + h) * V + ov, mask=mv, other=0.0).to(tl.float32)
         sm = a * sm + ut[:, None] * kt[None, :]
-        si = a * si + bt[:, None] * (kt * kt)[None, :]
-        r = _reciprocal(si + p)
+        si = a * si + (bt[:, None] * (kt * kt)[None, :] + c)
+        if FAST_RCP:
+            r = tl.inline_asm_elementwise(RCP_ASM, "=r,r", [si], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            r = 1.0 / si
         yt = tl.sum(sm * r * qt[None, :], axis=1) * scale
         tl.store(y + (tok * H + h) * V + ov, yt.to(y.dtype.element_ty), mask=mv)
         if STORE_VAR:
@@ -182,7 +190,8 @@ def _local_bwd(
         g += lat
         sm = a * sm + ut[:, None] * kt[None, :]
         si = a * si + bt[:, None] * (kt * kt)[None, :]
-        r = _reciprocal(si + p)
+        r = tl.math.rsqrt(si + p)  # 1 / I as a squared rsqrt (the two-pass kernels as measured in run 5)
+        r = r * r
         dm = (scale * dot_)[:, None] * qt[None, :] * r
         di = -dm * sm * r
         if HAS_DVAR:
@@ -305,7 +314,8 @@ def _main_bwd(
             bt = tl.load(beta + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
             sdo = scale * tl.load(do + (tok * H + h) * V + ov, mask=mvt, other=0.0).to(tl.float32)
             la_t = tl.load(la + tok * H + h, mask=ok_t, other=0.0).to(tl.float32)
-            rcp = _reciprocal(i_t + p)
+            rcp = tl.math.rsqrt(i_t + p)  # 1 / I as a squared rsqrt (as measured in run 5)
+            rcp = rcp * rcp
             mu = m_t * rcp
             d_m = sdo[:, None] * qt[None, :] * rcp
             d_i = -d_m * mu
@@ -394,11 +404,13 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         )  # fmt: skip
         y = torch.empty_like(u, dtype=q.dtype)
         var = torch.empty_like(y) if output_variance else None
+        om = -torch.expm1(log_alpha.float())  # 1 - alpha, exact where alpha is near 1 ([1, T, H], fp32)
         BVo = _bv(V, BK, CONFIG["out_bv"])
         _output_fwd[(triton.cdiv(V, BVo), NT, H)](
-            q, k, u, beta, log_alpha, ip, hm, hi, y, var if output_variance else y,
+            q, k, u, beta, log_alpha, om, ip, hm, hi, y, var if output_variance else y,
             layout.cu_seqlens, layout.chunk_index, scale,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, num_warps=CONFIG["out_warps"],
+            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, FAST_RCP=q.is_cuda,
+            num_warps=CONFIG["out_warps"],
         )  # fmt: skip
         ctx.save_for_backward(q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi)
         ctx.meta = (scale, layout, C, use_init, output_final)
