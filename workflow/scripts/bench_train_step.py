@@ -63,13 +63,19 @@ def mps_running() -> bool:
     return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").exists()
 
 
+def warmed_up(cfg: Any, out: str, warmup: int) -> tuple[Trainer, Any]:
+    """A trainer past its first ``warmup`` steps (compilation, autotuning) and its batch stream."""
+    trainer = Trainer(cfg, out)
+    batches = trainer.train_batches.from_step(0)
+    for _ in range(warmup):
+        trainer.train_step(*next(batches))
+    sync()
+    return trainer, batches
+
+
 def alone(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, out)
-        batches = trainer.train_batches.from_step(0)
-        for _ in range(warmup):
-            trainer.train_step(*next(batches))
-        sync()
+        trainer, batches = warmed_up(cfg, out, warmup)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -93,11 +99,7 @@ def alone(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
 def worker(cfg: Any, warmup: int, seconds: float, ready_dir: Path, index: int, total: int) -> dict[str, Any]:
     """One packed run: warm up, wait for the others, then count steps for ``seconds``."""
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, out)
-        batches = trainer.train_batches.from_step(0)
-        for _ in range(warmup):
-            trainer.train_step(*next(batches))
-        sync()
+        trainer, batches = warmed_up(cfg, out, warmup)
         (ready_dir / f"ready-{index}").touch()
         while len(list(ready_dir.glob("ready-*"))) < total:
             time.sleep(0.05)
