@@ -34,12 +34,15 @@ def test_every_kernel_compiles_for_sm90_with_its_tensor_core_products(tmp_path):
     head = [c.strip() for c in lines[2].strip("|").split("|")]
     rows = {r[1]: dict(zip(head, r, strict=True)) for r in ([c.strip() for c in line.strip("|").split("|")]
                                                              for line in lines[4:])}  # fmt: skip
-    assert set(rows) == {"states_fwd", "output_fwd", "local_bwd", "main_bwd sub=1", "main_bwd sub=2"}
+    assert set(rows) == {"states_fwd", "output_fwd", "local_bwd", "main_bwd sub=1", "main_bwd sub=2",
+                         "walk_bwd sub=1", "walk_bwd sub=2", "correct_bwd"}  # fmt: skip
     for name, row in rows.items():
         assert int(row["instructions"]) > 100, name
         assert 0 < int(row["regs"]) <= 255, name
-    # the boundary states and the reverse walk's sub-chunk starts are tensor-core products on Hopper
-    for name in ("states_fwd", "main_bwd sub=1", "main_bwd sub=2"):
+    # the boundary states, the reverse walks' sub-chunk starts (two-pass and one-pass) and the one-pass
+    # backward's corrections are tensor-core products on Hopper
+    for name in ("states_fwd", "main_bwd sub=1", "main_bwd sub=2", "walk_bwd sub=1", "walk_bwd sub=2",
+                 "correct_bwd"):  # fmt: skip
         assert int(rows[name]["HGMMA"]) > 0, name
     # the per-token loops hold no tensor-core product: the forward replay and the local pulls are elementwise
     assert int(rows["output_fwd"]["HGMMA"]) == int(rows["local_bwd"]["HGMMA"]) == 0

@@ -1,8 +1,10 @@
 """The Triton Palimpsa kernels, run by Triton's interpreter on CPU, against the float64 recurrence.
 
 Every case draws fresh random inputs, and checks the outputs and every input gradient (q, k, u, beta,
-log_alpha, Ip, initial state) through a random linear functional of all outputs. Small chunk sizes put
-several chunks and sub-chunks into short sequences, so the cross-chunk paths run too.
+log_alpha, Ip, initial state) through a random linear functional of all outputs, on every backward path
+(``BACKWARDS``: the two-pass backward of ``chunk.py`` and the one-pass backward of ``chunk_onepass.py``, its
+d log alpha by the identity and, at one sub-chunk length, by the per-element form) from one forward. Small
+chunk sizes put several chunks and sub-chunks into short sequences, so the cross-chunk paths run too.
 """
 
 from __future__ import annotations
@@ -22,18 +24,31 @@ from kernels.palimpsa import chunk, fused_recurrent_palimpsa, naive_recurrent_pa
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 NAMES = ["y", "var", "mu_T", "I_T", "dq", "dk", "du", "dbeta", "dlog_alpha", "dIp", "dmu_0", "dI_0"]
+# the backward paths (chunk.CONFIG settings read at the backward); the one-pass path's per-element
+# d log alpha has its own test
+BACKWARDS = {
+    "two-pass": {"backward": "two_pass"},
+    "one-pass": {"backward": "one_pass", "onepass_dla": "identity"},
+    "one-pass-direct": {"backward": "one_pass", "onepass_dla": "direct"},
+}
 
 
-@pytest.fixture(autouse=True, params=[1, 3, 4], ids=["walk-sub1", "walk-sub3", "walk-sub4"])
-def reverse_walk(request):
-    """Every test runs several sub-chunk lengths of the backward's reverse walk (``main_sub``): a product
-    per token; per 3 tokens (3 divides no chunk size, so sub-chunks straddle the chunk's end); per 4 (the
-    default)."""
+@pytest.fixture
+def config():
+    """``chunk.CONFIG``, restored after the test."""
     saved = dict(chunk.CONFIG)
-    chunk.CONFIG["main_sub"] = request.param
-    yield request.param
+    yield chunk.CONFIG
     chunk.CONFIG.clear()
     chunk.CONFIG.update(saved)
+
+
+@pytest.fixture(params=[1, 3, 4], ids=["walk-sub1", "walk-sub3", "walk-sub4"])
+def reverse_walk(request, config):
+    """Every backward case runs several sub-chunk lengths of the backward walks (``main_sub``,
+    ``onepass_sub``): a product per token; per 3 tokens (3 divides no chunk size, so sub-chunks straddle the
+    chunk's end); per 4 (the default). Returns the backward paths every case checks."""
+    config["main_sub"] = config["onepass_sub"] = request.param
+    return ["two-pass", "one-pass"]
 
 
 def make_inputs(B, T, H, K, V, gen, gates="normal", N=None):
@@ -53,8 +68,9 @@ def make_inputs(B, T, H, K, V, gen, gates="normal", N=None):
     return [q, k, u, beta, la, ip, mu0, I0]
 
 
-def forward_backward(fn, xs, dtype, seed, with_init=True, with_final=True, **kw):
-    """Outputs and input gradients of ``sum_j <w_j, out_j>`` for random weights ``w_j``."""
+def forward_backward(fn, xs, dtype, seed, with_init=True, with_final=True, paths=None, **kw):
+    """Outputs and input gradients of ``sum_j <w_j, out_j>`` for random weights ``w_j``; with ``paths`` (names
+    in ``BACKWARDS``), ``{path: gradients}`` from one forward, one backward per path."""
     xs = [x.detach().to(dtype).clone().requires_grad_(True) for x in xs]
     q, k, u, beta, la, ip, mu0, I0 = xs
     init = (mu0, I0) if with_init else None
@@ -63,18 +79,30 @@ def forward_backward(fn, xs, dtype, seed, with_init=True, with_final=True, **kw)
     outs = [y, var] + (list(final) if with_final else [])
     gen = torch.Generator().manual_seed(seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
-    loss.backward()
-    grads = [x.grad for x in xs[: 8 if with_init else 6]]
+    leaves = xs[: 8 if with_init else 6]
+    if paths is None:
+        return outs, list(torch.autograd.grad(loss, leaves))
+    grads = {}
+    for path in paths:
+        chunk.CONFIG.update(BACKWARDS[path])
+        grads[path] = list(torch.autograd.grad(loss, leaves, retain_graph=True))
     return outs, grads
 
 
-def assert_close(got, want, names, out_tol=1e-5, grad_tol=1e-4, n_out=4):
+def assert_close(got, want, names, out_tol=1e-5, grad_tol=1e-4, n_out=4, where=""):
     for i, (name, a, b) in enumerate(zip(names, got, want, strict=True)):
-        assert a is not None, name
-        assert torch.isfinite(a).all(), f"{name} has NaN or inf"
+        assert a is not None, f"{where}{name}"
+        assert torch.isfinite(a).all(), f"{where}{name} has NaN or inf"
         err = ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
         tol = out_tol if i < n_out else grad_tol
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+        assert err <= tol, f"{where}{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def assert_paths_close(out, grads, ref_out, ref_grad, names=NAMES):
+    """Outputs once, then every backward path's gradients, against the float64 reference."""
+    assert_close(out, ref_out, names[: len(out)], n_out=len(out))
+    for path, grad in grads.items():
+        assert_close(grad, ref_grad, names[len(out) :], n_out=0, where=f"{path} backward: ")
 
 
 def _triton(chunk_size):
@@ -91,26 +119,38 @@ def _triton(chunk_size):
         ((1, 150, 1, 64, 64), 64),  # the default chunk at the benchmark's head size: full-size tiles
     ],
 )
-def test_outputs_and_all_gradients_match_float64(shape, chunk_size):
+def test_outputs_and_all_gradients_match_float64(shape, chunk_size, reverse_walk):
     gen = torch.Generator().manual_seed(hash(shape) % 2**31)
     xs = make_inputs(*shape, gen)
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
-    out, grad = forward_backward(_triton(chunk_size), xs, torch.float32, seed)
-    assert_close(out + grad, ref_out + ref_grad, NAMES)
+    out, grads = forward_backward(_triton(chunk_size), xs, torch.float32, seed, paths=reverse_walk)
+    assert_paths_close(out, grads, ref_out, ref_grad)
 
 
-def test_without_initial_state_and_through_the_dispatch():
+def test_without_initial_state_and_through_the_dispatch(reverse_walk):
     gen = torch.Generator().manual_seed(3)
     xs = make_inputs(2, 21, 2, 16, 16, gen)
     seed = 11
     ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed, with_init=False)
     triton_attn = lambda *a, **kw: palimpsa_attn(*a, backend="triton", **kw)  # noqa: E731
-    out, grad = forward_backward(triton_attn, xs, torch.float32, seed, with_init=False)
-    assert_close(out + grad, ref_out + ref_grad, NAMES[:10])
+    out, grads = forward_backward(triton_attn, xs, torch.float32, seed, with_init=False, paths=reverse_walk)
+    assert_paths_close(out, grads, ref_out, ref_grad, NAMES[:10])
 
 
-def test_variable_length_batch_matches_each_sequence():
+def test_without_final_state_gradient(config):
+    """No final state: each sequence's last chunk starts the scan from zero and the identity reads no final
+    state; a plain batch of two sequences, both backward paths, sub-chunks of 3."""
+    config["main_sub"] = config["onepass_sub"] = 3
+    gen = torch.Generator().manual_seed(4)
+    xs = make_inputs(2, 19, 1, 6, 10, gen)
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, 2, with_final=False)
+    paths = ["two-pass", "one-pass"]
+    out, grads = forward_backward(_triton(16), xs, torch.float32, 2, with_final=False, paths=paths)
+    assert_paths_close(out, grads, ref_out, ref_grad, NAMES[:2] + NAMES[4:])
+
+
+def test_variable_length_batch_matches_each_sequence(reverse_walk):
     gen = torch.Generator().manual_seed(5)
     lens = [9, 1, 30]
     cu = torch.tensor([0, 9, 10, 40], dtype=torch.int32)
@@ -120,18 +160,74 @@ def test_variable_length_batch_matches_each_sequence():
         lambda *a, **kw: palimpsa_attn(*a, backend="reference", cu_seqlens=cu, **kw), xs, torch.float64, seed
     )
     varlen = lambda *a, **kw: chunk_palimpsa(*a, cu_seqlens=cu, chunk_size=16, **kw)  # noqa: E731
-    out, grad = forward_backward(varlen, xs, torch.float32, seed)
-    assert_close(out + grad, ref_out + ref_grad, NAMES)
+    out, grads = forward_backward(varlen, xs, torch.float32, seed, paths=reverse_walk)
+    assert_paths_close(out, grads, ref_out, ref_grad)
 
 
-def test_extreme_gates_stay_finite_and_accurate():
+def test_extreme_gates_stay_finite_and_accurate(reverse_walk):
     """alpha near 0 (log -30) and near 1 (log -1e-7), beta = 0 and 50x, Ip of 1e-4 and 1e4."""
     gen = torch.Generator().manual_seed(9)
     xs = make_inputs(1, 35, 2, 8, 12, gen, gates="extreme")
     seed = 23
     ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, seed)
-    out, grad = forward_backward(_triton(16), xs, torch.float32, seed)
-    assert_close(out + grad, ref_out + ref_grad, NAMES)
+    out, grads = forward_backward(_triton(16), xs, torch.float32, seed, paths=reverse_walk)
+    assert_paths_close(out, grads, ref_out, ref_grad)
+
+
+def test_one_pass_per_element_decay_gradient(config):
+    """The one-pass backward with d log alpha in the per-element form (``onepass_dla = "direct"``): a varlen
+    batch with extreme gates, two V blocks of the walk (dk, dq and the walk's d log alpha rows summed over
+    blocks), a sequence shorter than a chunk and one ending mid-chunk; sub-chunks of 3."""
+    gen = torch.Generator().manual_seed(41)
+    cu = torch.tensor([0, 20, 25, 46], dtype=torch.int32)
+    xs = make_inputs(1, 46, 2, 7, 24, gen, gates="extreme", N=3)
+    config.update(onepass_bv=16, onepass_sub=3)
+    varlen = lambda *a, **kw: chunk_palimpsa(*a, cu_seqlens=cu, chunk_size=16, **kw)  # noqa: E731
+    ref_out, ref_grad = forward_backward(
+        lambda *a, **kw: palimpsa_attn(*a, backend="reference", cu_seqlens=cu, **kw), xs, torch.float64, 3
+    )
+    out, grads = forward_backward(varlen, xs, torch.float32, 3, paths=["one-pass-direct"])
+    assert_paths_close(out, grads, ref_out, ref_grad)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["no-states", "init-and-final"])
+@pytest.mark.parametrize("gates", ["normal", "extreme"])
+def test_decay_and_prior_gradients_follow_from_the_identity(full, gates):
+    """The one-pass backward's identity, on the float64 recurrence: with ``c_t`` the cumulative log-decay,
+    ``dL/dc_t = -Ip z_t - <dvar_t, var_t> - <u_t, du_t> - <beta_t, dbeta_t>`` (plus ``<dS_T, S_T>`` on the raw
+    final state at the last token), ``d log alpha_s = sum_{t >= s} dL/dc_t`` and ``dIp = sum_t z_t`` plus the
+    initial and final states' direct terms; ``z_t`` sums the read-out's direct adjoint on ``I_t``."""
+    gen = torch.Generator().manual_seed(31)
+    B, T, H, K, V = 2, 29, 2, 6, 5
+    xs = make_inputs(B, T, H, K, V, gen, gates=gates)
+    outs, (dq, dk, du, db, dla, dip, *d0) = forward_backward(
+        naive_recurrent_palimpsa, xs, torch.float64, 7, with_init=full, with_final=full
+    )
+    q, k, u, beta, la, ip, mu0, I0 = xs
+    gen = torch.Generator().manual_seed(7)  # the weights forward_backward drew, in its order
+    w = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    ipb = ip[None, :, None, None]
+    M = mu0 * I0 if full else torch.zeros(B, H, V, K, dtype=torch.float64)
+    Ib = I0 - ipb if full else torch.zeros_like(M)
+    z = torch.zeros(B, T, H, dtype=torch.float64)
+    scale = K**-0.5
+    for t in range(T):
+        kt, qt = k[:, t, :, None, :], q[:, t, :, None, :]
+        M = la[:, t, :, None, None].exp() * M + u[:, t, :, :, None] * kt
+        Ib = la[:, t, :, None, None].exp() * Ib + beta[:, t, :, :, None] * kt * kt
+        I = Ib + ipb
+        d_i = -(scale * w[0][:, t, :, :, None] * qt * M + scale**2 * w[1][:, t, :, :, None] * qt * qt) / I**2
+        z[:, t] = d_i.sum((-1, -2))
+    dc = -ip * z - (w[1] * outs[1]).sum(-1) - (u * du).sum(-1) - (beta * db).sum(-1)
+    want_dip = z.sum((0, 1))
+    if full:
+        dmu_T, dI_T = w[2], w[3]
+        dc[:, -1] += (dmu_T / I * M).sum((-1, -2)) + ((dI_T - dmu_T * M / I**2) * Ib).sum((-1, -2))
+        dmu0, dI0 = d0
+        want_dip += -(dI0 - dmu0 * mu0 / I0).sum((0, 2, 3)) + (dI_T - dmu_T * M / I**2).sum((0, 2, 3))
+    want_dla = dc.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(want_dla, dla, rtol=1e-10, atol=1e-10 * dla.abs().max().item())
+    torch.testing.assert_close(want_dip, dip, rtol=1e-10, atol=0.0)
 
 
 def test_beta_zero_is_the_gated_linear_attention_limit():

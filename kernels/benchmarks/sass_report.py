@@ -41,7 +41,7 @@ from triton.compiler import ASTSource
 
 from kernels.delta_rule import wy
 from kernels.gla import chunk as walk
-from kernels.palimpsa import chunk
+from kernels.palimpsa import chunk, chunk_onepass
 from kernels.palimpsa.utils import next_pow2
 
 SHAPES = {
@@ -52,7 +52,7 @@ SHAPES = {
 }
 # pointer arguments that are not in the inputs' dtype
 FP32_POINTERS = {"la", "om", "ip", "hm", "hi", "dhm", "dhi", "lm", "li", "h0m", "h0i", "hTm", "hTi", "dTm",
-                 "dTi", "d0m", "d0i", "zla"}  # fmt: skip
+                 "dTi", "d0m", "d0i", "zla", "dc", "dla"}  # fmt: skip
 INT_POINTERS = {"cu", "chunk_index", "chunk_offsets"}
 SHOWN = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "BAR", "HGMMA", "HMMA", "LDS", "STS", "LDG", "STG", "RED")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # '/*0a30*/ @P0 FFMA ...'
@@ -84,7 +84,10 @@ def _signature(
 
 
 def launches(shape, sub: int, chunk_size: int = 64) -> list[tuple[str, object, dict, int, bool]]:
-    """(label, kernel, constexprs, num_warps, atomic) for each kernel, mirroring the host code in chunk.py."""
+    """(label, kernel, constexprs, num_warps, atomic) for each kernel, mirroring the host code in chunk.py and
+    chunk_onepass.py: the forward, the two-pass backward (``local_bwd``, ``main_bwd``) and the one-pass
+    backward (``walk_bwd``, its d log alpha by the identity, and ``correct_bwd``); the scan both share is
+    left out."""
     _, _, H, K, V = shape
     BK = max(16, next_pow2(K))
     cfg = chunk.CONFIG
@@ -92,6 +95,12 @@ def launches(shape, sub: int, chunk_size: int = 64) -> list[tuple[str, object, d
     bv_main = chunk._bv(V, BK, cfg["main_bv"], floor=16)
     atomic = triton.cdiv(V, bv_main) > 1
     bv_states = chunk._bv(V, BK, cfg["states_bv"], floor=16)
+    bv_walk = chunk._bv(V, BK, cfg["onepass_bv"], floor=16)
+    atomic_walk = triton.cdiv(V, bv_walk) > 1
+    block = cfg["correct_block"]
+    correct = dict(
+        common, BK=min(BK, block), BV=min(max(16, next_pow2(V)), block), NV=triton.cdiv(V, bv_walk)
+    )
     return [
         ("states_fwd", chunk._states_fwd,
          {**common, "BV": bv_states, "USE_INIT": False, "STORE_FINAL": False, "PREC": "tf32"}, 4, False),
@@ -103,6 +112,12 @@ def launches(shape, sub: int, chunk_size: int = 64) -> list[tuple[str, object, d
         (f"main_bwd sub={sub}", chunk._main_bwd,
          {**common, "BV": bv_main, "SUB": sub, "HAS_DVAR": False, "ATOMIC": atomic, "PREC": "tf32"},
          cfg["main_warps"], atomic),
+        (f"walk_bwd sub={sub}", chunk_onepass._walk_bwd,
+         {**common, "BV": bv_walk, "SUB": sub, "HAS_DVAR": False, "ATOMIC": atomic_walk, "DLA_DIRECT": False,
+          "FAST_RCP": True, "PREC": "tf32"}, cfg["onepass_warps"], atomic_walk),
+        ("correct_bwd", chunk_onepass._correct_bwd,
+         {**correct, "HAS_DFINAL": False, "DLA_DIRECT": False, "PREC": "tf32"}, cfg["correct_warps"],
+         atomic_walk),
     ]  # fmt: skip
 
 

@@ -13,7 +13,11 @@ Forward
      op (``rcp.approx``) when compiled. Per element and token: 4 FP32 ops for the two state updates, 2 for
      ``M / I`` into ``y``, one reciprocal.
 
-Backward, with ``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t, Ibar_t)``
+Backward: two paths, chosen by ``CONFIG["backward"]``. The two-pass one is steps 3-5 below; the one-pass one
+(``chunk_onepass.py``) walks each chunk once from a zero adjoint, runs the scan of step 4, then adds the later
+chunks' share with four tensor-core products per chunk, and takes ``d log alpha`` and ``dIp`` from an
+identity with no per-element work. Two-pass, with ``D_t`` the direct gradients of token ``t``'s read-out on
+``(M_t, Ibar_t)``:
   3. ``_local_bwd``: per chunk in parallel, ``L_c = sum_t e^{G_t} D_t``, the chunk's own pull on its
      start state.
   4. ``_scan_bwd``: a reverse scan over chunks gives ``E_c``, the gradient on the state after chunk ``c``
@@ -371,6 +375,17 @@ CONFIG: dict[str, int] = {
     # replays those S tokens elementwise and keeps their states on chip (S register tiles of M and Ibar);
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
     "main_sub": 4,
+    # "two_pass": steps 3-5 above; "one_pass": chunk_onepass.py (one walk per chunk from a zero adjoint, the
+    # scan, tensor-core corrections). Not yet timed on a GPU, so not the default.
+    "backward": "two_pass",
+    "onepass_bv": 64,
+    "onepass_warps": 8,
+    "onepass_sub": 4,
+    # the one-pass backward's d log alpha: "identity" (no per-element work; its error is absolute, see
+    # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
+    "onepass_dla": "identity",
+    "correct_block": 32,  # V and K blocks of the correction's products (sm_90: no spills up to K = V = 128)
+    "correct_warps": 4,
 }
 
 
@@ -412,14 +427,15 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, FAST_RCP=q.is_cuda,
             num_warps=CONFIG["out_warps"],
         )  # fmt: skip
-        ctx.save_for_backward(q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi)
+        ctx.save_for_backward(q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi)
         ctx.meta = (scale, layout, C, use_init, output_final)
         return y, var, hTm, hTi
 
     @staticmethod
     def backward(ctx, dy, dvar, dTm, dTi):
-        """Steps 3-4 (local pulls, reverse scan over chunks), then step 5 for the per-token gradients."""
-        q, k, u, beta, log_alpha, ip, hm, hi, hTm, hTi = ctx.saved_tensors
+        """Steps 3-4 (local pulls, reverse scan over chunks), then step 5 for the per-token gradients; or the
+        one-pass backward of ``chunk_onepass`` (``CONFIG["backward"]``)."""
+        q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi = ctx.saved_tensors
         scale, layout, C, use_init, output_final = ctx.meta
         _, TT, H, K = q.shape
         V = u.shape[-1]
@@ -432,6 +448,20 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         if has_dfinal:
             dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
             dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
+        if CONFIG["backward"] not in ("two_pass", "one_pass"):
+            raise ValueError(f"CONFIG['backward'] is 'two_pass' or 'one_pass'; got {CONFIG['backward']!r}")
+        if CONFIG["backward"] == "one_pass":
+            # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
+            from kernels.palimpsa.chunk_onepass import onepass_backward
+
+            dq, dk, du, db, dla, dip, d0m, d0i = onepass_backward(
+                q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi, dy, dvar, has_dvar,
+                dTm if has_dfinal else None, dTi if has_dfinal else None, scale, layout, C,
+            )  # fmt: skip
+            return (
+                dq, dk, du, db, dla, dip, d0m if use_init else None, d0i if use_init else None,
+                None, None, None, None, None,
+            )  # fmt: skip
         # 3. local pulls of each chunk on its start state, written where the scan will leave E_c
         dhm = torch.empty_like(hm)
         dhi = torch.empty_like(hi)
