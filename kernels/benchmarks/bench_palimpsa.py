@@ -15,11 +15,14 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
-Our op runs with three sub-chunk lengths of the backward's reverse walk (``chunk.CONFIG["main_sub"]``:
-one product per S tokens, those S tokens replayed elementwise and kept on chip): ``palimpsa_triton`` the
-default (4), ``_sub2`` and ``_sub8`` the neighbours. Rows run in priority order
-(ours and GDN on every shape first, then the other baselines);
-``--budget-s`` stops starting new rows after that many seconds.
+Our op runs once per backward variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, read
+at the backward): ``palimpsa_triton`` as shipped (the two-pass backward, sub-chunks of S = 4 tokens),
+``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity),
+``_onepass_direct`` the same with the per-element d log alpha, and the neighbouring sub-chunk lengths of
+each walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``). Each record carries its ``config``
+and the per-kernel times of one step. Rows run in priority order (the first three variants and GDN on every
+shape first, then the other variants and baselines); ``--budget-s`` stops starting new rows after that many
+seconds.
 
 Writes ``latest.json`` (a list of records) and ``latest.md`` (the table) into ``--out``.
 """
@@ -47,7 +50,7 @@ SHAPES: list[tuple[str, tuple[int, int, int, int, int]]] = [
     ("paper-760M", (4, 4096, 16, 96, 192)),
 ]
 DEV = torch.device("cuda")
-DEFAULT_SUB = chunk.CONFIG["main_sub"]
+SHIPPED = dict(chunk.CONFIG)  # the defaults every variant starts from
 
 
 def _rand(*shape, dtype=torch.bfloat16, scale=1.0, offset=0.0):
@@ -81,24 +84,38 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
-SUBS = {"palimpsa_triton": DEFAULT_SUB, "palimpsa_triton_sub2": 2, "palimpsa_triton_sub8": 8}
-PRIORITY = (*SUBS, "fla_gdn_chunk")
+VARIANTS: dict[str, dict] = {
+    "palimpsa_triton": {},
+    "palimpsa_triton_onepass": {"backward": "one_pass"},
+    "palimpsa_triton_onepass_direct": {"backward": "one_pass", "onepass_dla": "direct"},
+    "palimpsa_triton_sub2": {"main_sub": 2},
+    "palimpsa_triton_sub8": {"main_sub": 8},
+    "palimpsa_triton_onepass_sub2": {"backward": "one_pass", "onepass_sub": 2},
+    "palimpsa_triton_onepass_sub8": {"backward": "one_pass", "onepass_sub": 8},
+}
+PRIORITY = (*list(VARIANTS)[:3], "fla_gdn_chunk")
 
 
-def _ours(x: list, sub: int) -> torch.Tensor:
-    """Our Triton op with the reverse walk's sub-chunk length ``sub`` (``chunk.CONFIG["main_sub"]``).
+def use_config(overrides: dict) -> None:
+    """``chunk.CONFIG`` = the shipped defaults with ``overrides``."""
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(SHIPPED | overrides)
+
+
+def _ours(x: list, overrides: dict) -> torch.Tensor:
+    """Our Triton op with ``chunk.CONFIG`` = defaults + ``overrides``.
 
     Set at the forward: the backward that follows in the same step reads it.
     """
-    chunk.CONFIG["main_sub"] = sub
+    use_config(overrides)
     return palimpsa_attn(*x, backend="triton")[0]
 
 
 def impls(B, T, H, K, V) -> dict[str, tuple[Callable[[], list], Callable[[list], torch.Tensor]]]:
     """name -> (make inputs, forward returning the output)."""
     out = {
-        name: (lambda: palimpsa_inputs(B, T, H, K, V), lambda x, sub=sub: _ours(x, sub))
-        for name, sub in SUBS.items()
+        name: (lambda: palimpsa_inputs(B, T, H, K, V), lambda x, o=overrides: _ours(x, o))
+        for name, overrides in VARIANTS.items()
     }
     if SHAPES[0][1] == (B, T, H, K, V):  # the torch form keeps per-token states of a chunk: one shape only
         out["palimpsa_torch_chunk"] = (
@@ -162,6 +179,17 @@ def elementwise_floor_ms(B, T, H, K, V) -> float:
     return 8 * B * T * H * K * V / 67e12 * 1e3
 
 
+# lane-issue slots per state element and token (notes.md, run 6): forward 6 FP32 + 1 reciprocal; the one-pass
+# backward 16 + 1; H200: 132 SMs x 128 lanes x 1.98 GHz
+ISSUE_SLOTS = {"fwd": 7, "fwdbwd": 24}
+ISSUES_PER_S = 132 * 128 * 1.98e9
+
+
+def issue_floor_ms(B, T, H, K, V, what: str = "fwdbwd") -> float:
+    """Issue-slot floor of the elementwise work at 100% issue efficiency (no other cost counted)."""
+    return ISSUE_SLOTS[what] * B * T * H * K * V / ISSUES_PER_S * 1e3
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
@@ -198,11 +226,11 @@ def main(argv: list[str] | None = None) -> None:
             reps = (2, 5) if "torch" in impl else ((10, 30) if args.quick else (10, 50))
             rec |= measure(make, fwd, *reps)
             rec["tokens_per_s"] = B * T / (rec["fwdbwd_ms"] * 1e-3)
-            if impl in SUBS:  # where the time goes, per kernel
+            if impl in VARIANTS:  # where the time goes, per kernel
                 from kernels.benchmarks.profile_palimpsa import per_kernel
 
-                rec["main_sub"] = SUBS[impl]
-                rec["kernel_ms"] = dict(per_kernel(shape, SUBS[impl])[:8])
+                rec["config"] = SHIPPED | VARIANTS[impl]
+                rec["kernel_ms"] = dict(per_kernel(shape, VARIANTS[impl])[:8])
         except Exception as exc:  # record and go on: one failing baseline must not hide the rest
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             torch.cuda.empty_cache()
@@ -215,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
              "error": "published kernels not installed on the benchmark machine; notes.md quotes them",
              "device": device, **versions}
         )  # fmt: skip
+    use_config({})
     order = {name: i for i, (name, _) in enumerate(SHAPES)}
     records.sort(key=lambda r: order.get(r["shape_name"], len(order)))  # stable: priority order per shape
     write(args.out, records, device, versions)
@@ -247,9 +276,15 @@ def render(records: list[dict], device: str, versions: dict) -> str:
             f"| {r['shape_name']} ({s}) | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
             f"{r['tokens_per_s'] / 1e6:.2f} | {r['peak_mib']:.0f} | {rt} | {rm} |"
         )
-    lines.append("\nElementwise forward floor (8 flop per state element per token at 67 TFLOP/s):")
+    lines.append(
+        "\nElementwise forward floor (8 flop per state element per token at 67 TFLOP/s); issue floors"
+    )
+    lines.append("(7 and 24 lane-issues per element-token for fwd and fwd+bwd, notes.md run 6):")
     for name, shape in SHAPES:
-        lines.append(f"- {name}: {elementwise_floor_ms(*shape):.3f} ms")
+        fwd, both = issue_floor_ms(*shape, "fwd"), issue_floor_ms(*shape)
+        lines.append(
+            f"- {name}: {elementwise_floor_ms(*shape):.3f} ms; issues fwd {fwd:.3f}, fwd+bwd {both:.3f} ms"
+        )
     return "\n".join(lines) + "\n"
 
 
