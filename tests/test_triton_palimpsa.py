@@ -2,9 +2,9 @@
 
 Every case draws fresh random inputs, and checks the outputs and every input gradient (q, k, u, beta,
 log_alpha, Ip, initial state) through a random linear functional of all outputs, on every backward path
-(``BACKWARDS``: the two-pass backward of ``chunk.py`` and the one-pass backward of ``chunk_onepass.py``, its
-d log alpha by the identity and, at one sub-chunk length, by the per-element form) from one forward. Small
-chunk sizes put several chunks and sub-chunks into short sequences, so the cross-chunk paths run too.
+(``BACKWARDS``: the two-pass backward of ``chunk.py`` and the one-pass backward of ``chunk_onepass.py`` with
+its d log alpha by the identity; its per-element form has a case of its own) from one forward. Small chunk
+sizes put several chunks and sub-chunks into short sequences, so the cross-chunk paths run too.
 """
 
 from __future__ import annotations
