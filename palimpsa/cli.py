@@ -6,7 +6,8 @@ Adding a subcommand is one entry in :data:`COMMANDS`: ``name -> ("module:functio
 never pays for (or needs) the packages of the others.
 
 User errors (bad config, missing file, unreadable checkpoint, a run that cannot go on) print one line
-``error: <message>`` on stderr and exit with code 2, without a traceback.
+``error: <message>`` on stderr and exit with code 2, without a traceback. Whatever is printed has URL
+passwords masked, tracebacks of unexpected errors included (they end up in job logs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from palimpsa.credentials import mask_text, print_masked_traceback
 from palimpsa.errors import USER_ERRORS
 
 Runner = Callable[[argparse.Namespace], "int | None"]
@@ -46,7 +48,7 @@ def _resolve(target: str) -> Any:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError) and err.filename:
         return f"{err.filename}: file not found"
-    return " ".join(str(err).split()) or type(err).__name__
+    return mask_text(" ".join(str(err).split())) or type(err).__name__
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -187,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"error: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as err:
-        if not isinstance(err, USER_ERRORS):
-            raise
+    except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception:
+        print_masked_traceback()
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from palimpsa.credentials import find_password, password_message
 from palimpsa.errors import ConfigError, FieldError
 from palimpsa.io import DottedKeyError, YamlFileError, dump_yaml, read_yaml, set_key, yaml_load
 from palimpsa.tasks import TASK_CONFIGS
@@ -306,6 +307,9 @@ def config_from_dict(data: Any, source: str | Path | None = None) -> RunConfig:
     try:
         _check(isinstance(data, dict), "", "the config must be a YAML mapping")
         _check("task" in data, "task", "missing; every run needs a task")
+        secret = find_password(data)  # the config is copied into run folders, MLflow artifacts, job logs
+        if secret is not None:
+            raise FieldError(secret[0], password_message(secret[1]))
         raw = dict(data)
         task = parse_task(raw.pop("task"))
         cfg = parse_dataclass(RunConfig, raw)

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from palimpsa.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from palimpsa.credentials import find_password, has_password, password_message
 from palimpsa.io import DottedKeyError, YamlFileError, flatten, read_yaml, set_key
 
 GRID_KEYS = (
@@ -223,6 +224,9 @@ def _load_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if errors:
         key, message = errors[0]
         raise GridError(key, message, path)
+    secret = find_password(data)  # grids end up in job params, run.yaml and MLflow tags
+    if secret is not None:
+        raise GridError(secret[0], password_message(secret[1]), path)
     spec = {k: v for k, v in data.items() if k != "extends"}
     for key in ("base",):
         if isinstance(spec.get(key), str):
@@ -529,6 +533,8 @@ def write_point(
 
     ``sweep_file`` is the grid's sweep.json (the parent MLflow run); ``overrides_from`` files are
     read now, so a new best.yaml from a tuning study reaches the points that reference it.
+    ``tracking_uri`` goes into run.yaml unless it holds a password: then the job reads it from
+    ``$MLFLOW_TRACKING_URI``, as every job of the workflow can.
     """
     cfg = point.resolve()
     sweep = json.loads(Path(sweep_file).read_text()) if sweep_file else {}
@@ -542,7 +548,7 @@ def write_point(
         parent_run_id=sweep.get("run_id"),
         tags={k: str(v) for k, v in tags.items()},
     )
-    if tracking_uri:
+    if tracking_uri and not has_password(tracking_uri):
         cfg["tracking"]["tracking_uri"] = tracking_uri
     cfg = config_to_dict(config_from_dict(cfg, source=f"grid {grid.name}, point {point.point_id}"))
     meta = {

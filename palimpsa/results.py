@@ -19,6 +19,8 @@ from typing import Any
 import polars as pl
 import yaml
 
+from palimpsa.credentials import mask_url, reject_password
+from palimpsa.errors import ConfigError
 from palimpsa.io import flatten, read_yaml, yaml_load
 from palimpsa.tracking import RESULT_TAG, SUPERSEDED_TAG, flat_metric, mlflow_metric
 
@@ -148,7 +150,7 @@ def build_tables(
         found = {name: client.get_experiment_by_name(name) for name in experiments}
         missing = [name for name, exp in found.items() if exp is None]
         if missing:
-            raise ValueError(f"{tracking_uri}: no MLflow experiment named {missing}")
+            raise ValueError(f"{mask_url(tracking_uri)}: no MLflow experiment named {missing}")
         exps = list(found.values())
     else:
         exps = client.search_experiments()
@@ -283,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.tracking_uri):
         parser.error("give run folders or --tracking-uri (one of them)")
+    try:
+        reject_password(args.tracking_uri, "--tracking-uri")
+    except ConfigError as err:
+        parser.error(str(err))
     if args.tracking_uri:
         experiments = [e for e in (args.experiments or "").split(",") if e] or None
         runs, curves = build_tables(args.tracking_uri, experiments)
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.write_parquet(args.runs_out)
         if args.curves_out:
             curves.write_parquet(args.curves_out)
-        print(f"{args.runs_out}: {runs.height} runs from {args.tracking_uri}")
+        print(f"{args.runs_out}: {runs.height} runs from {mask_url(args.tracking_uri)}")
         return 0
     runs = collect_runs(args.runs)
     Path(args.runs_out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ Sources, one of:
   (neither)                                         results/tables/{runs,curves}.parquet
 Optional: --tuning trials.parquet | --tuning STORAGE_URL --study NAME (Optuna history and importances);
 --pipeline-check when the runs only check the pipeline (the header then says so whatever the data).
+A URI with a password is refused on the command line (the process list shows it): PostgreSQL reads the
+password from ~/.pgpass, a tracking server's login comes from MLFLOW_TRACKING_USERNAME / _PASSWORD.
 
 Writes ``--out`` (a self-contained HTML file) and, next to it, ``figures/<name>.png`` with
 ``figures/<name>.rst`` captions, ``findings.json`` (every number with its source) and
@@ -20,6 +22,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from palimpsa.credentials import mask_url, reject_password
+from palimpsa.errors import ConfigError
 
 DEFAULT_TABLES = Path("results/tables")
 DEFAULT_OUT = Path("results/report/index.html")
@@ -83,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--curves needs --runs")
     if args.study is not None and args.tuning is None:
         p.error("--study needs --tuning")
+    try:
+        reject_password(args.tracking_uri, "--tracking-uri")
+        reject_password(args.tuning, "--tuning")
+    except ConfigError as err:
+        p.error(str(err))
     return args
 
 
@@ -98,7 +108,7 @@ def load_sources(args: argparse.Namespace):
             runs, curves = results.build_tables(args.tracking_uri, experiments)
         except ValueError as err:  # e.g. an experiment name the store does not hold
             raise ReportInputError(" ".join(str(err).split())) from None
-        where = f"MLflow store {args.tracking_uri}" + (
+        where = f"MLflow store {mask_url(args.tracking_uri)}" + (
             f", experiments {', '.join(experiments)}" if experiments else ""
         )
         return runs, curves, where

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
+from palimpsa.credentials import mask_url
+
 
 class TuningInputError(ValueError):
     """The tuning source cannot be read (missing file, unknown study, no value column)."""
@@ -42,12 +44,13 @@ def _from_storage(url: str, study_name: str | None):
     if study_name is None:
         names = optuna.get_all_study_names(storage=url)
         if len(names) != 1:
-            raise TuningInputError(f"{url}: give --study, the storage holds {len(names)} studies: {names}")
+            where = mask_url(url)
+            raise TuningInputError(f"{where}: give --study, the storage holds {len(names)} studies: {names}")
         study_name = names[0]
     try:
         return optuna.load_study(study_name=study_name, storage=url)
     except KeyError:
-        raise TuningInputError(f"{url}: no study named {study_name!r}") from None
+        raise TuningInputError(f"{mask_url(url)}: no study named {study_name!r}") from None
 
 
 def _study_table(study) -> pl.DataFrame:
@@ -142,7 +145,7 @@ def load_tuning(source: str, study_name: str | None, default_maximize: bool) -> 
     path = Path(source)
     if "://" in source:
         study = _from_storage(source, study_name)
-        trials = _normalise(_study_table(study), source)
+        trials = _normalise(_study_table(study), mask_url(source))
         maximize = study.direction.name == "MAXIMIZE"
         importances, note = importances_from_table(trials, maximize)
         return [TuningData(trials, study.study_name, maximize, importances, note)]
