@@ -8,6 +8,11 @@ A job killed at any moment keeps its run id in ``OUT/mlflow_run_id``; the rerun 
 run (status back to RUNNING, the earlier failure reason moved out of ``failure_reason``) instead of leaving
 an orphan and starting a duplicate.
 
+Credentials never reach the store: the URI comes from the config (where a password is refused) or from
+``$MLFLOW_TRACKING_URI``, a tracking server's login from ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (MLflow reads them), and every param, tag and warning has URL passwords masked.
+A SQLite store is created readable by its owner only (:func:`palimpsa.atomic.private_file`).
+
 Metric names are grouped for the UI (``train/loss``, ``val/accuracy``, ``diag/...``): :func:`mlflow_metric`
 names a run's flat metric (the ``metrics.json`` and ``history.jsonl`` key) in MLflow and
 :func:`flat_metric` maps it back, so tables built from the store keep the flat column names.
@@ -27,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from palimpsa.atomic import private_file
 from palimpsa.config import ConfigError, TrackingConfig
+from palimpsa.credentials import has_password, mask_text, mask_url
 
 DEFAULT_URI = "sqlite:///results/mlflow.db"
 ARTIFACT_DIR = "mlartifacts"  # next to the SQLite file, never ./mlruns
@@ -48,9 +55,29 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative to cwd, or absolute with four slashes)."""
+    """The database file of a ``sqlite:///`` URI (relative to cwd, or absolute with four slashes); None for
+    other URIs and an in-memory database."""
     prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+    path = uri[len(prefix) :].split("?", 1)[0] if uri.startswith(prefix) else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_store(uri: str) -> None:
+    """Before MLflow opens a store: a SQLite file is created owner-only, and a URI with a password keeps
+    MLflow from printing it (its "View run at" lines go to stdout, that is the job's log)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        private_file(db)
+    if has_password(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def open_client(uri: str) -> Any:
+    """An ``mlflow.MlflowClient`` on ``uri``, for every module that writes to the store."""
+    from mlflow import MlflowClient
+
+    prepare_store(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def git_commit(path: str | Path | None = None) -> tuple[str | None, bool]:
@@ -144,7 +171,7 @@ def _retry(fn: Callable[[], _T], what: str, attempts: int = 6) -> _T:
         except Exception as err:  # the store raises assorted SQLAlchemy/MLflow errors
             if attempt == attempts - 1 or not _transient(err):
                 raise
-            log.warning("mlflow %s failed (%s); retrying in %.1fs", what, err, delay)
+            log.warning("mlflow %s failed (%s); retrying in %.1fs", what, mask_text(str(err)), delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -156,7 +183,8 @@ def _transient(err: Exception) -> bool:
 
 
 def _text(value: Any, limit: int) -> str:
-    text = str(value)
+    """A param or tag value as MLflow stores it: URL passwords masked, cut to ``limit`` characters."""
+    text = mask_text(str(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -246,8 +274,7 @@ class MlflowTracker(NullTracker):
             logging.getLogger(noisy).setLevel(logging.WARNING)  # keep stderr for progress and errors
         self.uri = resolve_tracking_uri(cfg)
         db = sqlite_path(self.uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
+        prepare_store(self.uri)
         self._ended = False
         self._monitor: Any = None
         self.resumed = False
@@ -264,7 +291,7 @@ class MlflowTracker(NullTracker):
             if experiment_id is None:
                 with _store_lock(db):
                     experiment_id = _get_or_create_experiment(self.client, cfg.experiment or default_name, db)
-            tags = {str(k): str(v) for k, v in cfg.tags.items()}
+            tags = {str(k): _text(v, 8000) for k, v in cfg.tags.items()}
             if cfg.parent_run_id:
                 tags["mlflow.parentRunId"] = cfg.parent_run_id
             run = _retry(
@@ -284,7 +311,9 @@ class MlflowTracker(NullTracker):
             run = self.client.get_run(run_id)
         except Exception as err:
             warnings.warn(
-                f"mlflow run {run_id} not found in {self.uri} ({err}); starting a new run", stacklevel=3
+                f"mlflow run {run_id} not found in {mask_url(self.uri)} ({mask_text(str(err))}); "
+                "starting a new run",
+                stacklevel=3,
             )
             return None
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "update_run")
@@ -297,7 +326,8 @@ class MlflowTracker(NullTracker):
         """A reopened run is no longer failed: keep why it stopped as history, not as its failure reason."""
         if not reason:
             return
-        _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed_after", reason), "set_tag")
+        after = _text(reason, 8000)
+        _retry(lambda: self.client.set_tag(run_id, "palimpsa.resumed_after", after), "set_tag")
         _retry(lambda: self.client.delete_tag(run_id, FAILURE_TAG), "delete_tag")
 
     def _start_system_metrics(self) -> None:
