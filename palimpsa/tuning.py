@@ -14,6 +14,11 @@ Each trial trains through
 :class:`optuna.TrialPruned` when the pruner says so; each trial is an MLflow run nested under one study
 run. The best trial's parameters land in ``best.yaml`` as dotted overrides that a grid can reference with
 ``overrides_from``.
+
+A storage URL with a password never goes on the command line (the process list shows it) or in a config:
+``--storage-env NAME`` reads it from an environment variable, ``--storage-file PATH`` from an owner-only
+file, and a PostgreSQL URL without a password uses ``~/.pgpass``. Journals and SQLite files are created
+readable by their owner only (:func:`palimpsa.atomic.private_file`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import socket
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +38,21 @@ from typing import Any
 import optuna
 import yaml
 
-from palimpsa.atomic import write_text
+from palimpsa.atomic import private_file, write_text
 from palimpsa.config import ConfigError, config_from_dict, config_to_dict
+from palimpsa.credentials import (
+    find_password,
+    mask_text,
+    mask_url,
+    password_message,
+    print_masked_traceback,
+    read_secret,
+    reject_password,
+)
 from palimpsa.errors import StopTraining
 from palimpsa.grid import GridError, read_overrides, resolve_path, schema_errors
 from palimpsa.io import YamlFileError, read_yaml, set_key, yaml_load
-from palimpsa.tracking import ensure_experiment
+from palimpsa.tracking import ensure_experiment, open_client, sqlite_path
 from palimpsa.training import train
 from palimpsa.training.files import read_run_id
 
@@ -92,6 +107,9 @@ def load_tune_spec(
     errors = schema_errors(data, "tune.schema.yaml")
     if errors:
         raise GridError(errors[0][0], errors[0][1], where)
+    secret = find_password(data)  # a spec ends up in job params and MLflow params
+    if secret is not None:
+        raise GridError(secret[0], password_message(secret[1]), where)
     base = data["base"]
     if isinstance(base, str):
         base_path = resolve_path(base, path) if path else Path(base)
@@ -152,25 +170,55 @@ def _check_space(cfg: dict[str, Any], space: dict[str, Any], where: Any) -> None
 # --------------------------------------------------------------------------- storage and study
 
 
+def storage_url(url: str | None = None, env: str | None = None, file: str | Path | None = None) -> str | None:
+    """The storage the user chose: ``url`` (a journal path, or a database URL without a password, since it
+    shows in configs, job logs and the process list), or a URL read from the environment variable ``env``
+    or the owner-only file ``file``, where a password may live. None: the default journal."""
+    if sum(bool(x) for x in (url, env, file)) > 1:
+        raise ConfigError("", "give one of --storage, --storage-env and --storage-file", "Optuna storage")
+    if env or file:
+        return read_secret(env=env or None, file=file or None)
+    reject_password(url, "--storage")
+    return url or None
+
+
 def make_storage(storage: str | None, out_dir: str | Path) -> Any:
     """None: a journal file in ``out_dir``; a URL with ``://``: a database; other strings: a journal path."""
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    from optuna.storages import JournalStorage
 
     if storage and "://" in storage:
-        kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)  # copies the trial, attrs included
+        return _database_storage(storage)
+    path = private_file(Path(storage) if storage else Path(out_dir) / "optuna.journal")
+    return JournalStorage(_journal_backend(path))
+
+
+def _journal_backend(path: Path) -> Any:
+    """An open(O_EXCL) lock file: works on local disks and network file systems alike."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+
+
+def _database_storage(url: str) -> Any:
+    """An RDB storage with heartbeats; a failure to open it is one line with the URL's password masked."""
+    from optuna.storages import RDBStorage
+
+    db = sqlite_path(url)
+    if db is not None:
+        private_file(db)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)  # copies the trial, attrs included
+    try:
         return RDBStorage(
-            storage,
+            url,
             engine_kwargs=kwargs,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
             failed_trial_callback=retry,
         )
-    path = Path(storage) if storage else Path(out_dir) / "optuna.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # An open(O_EXCL) lock file works on local disks and network file systems alike.
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except Exception as err:  # SQLAlchemy's assorted connect and parse errors
+        reason = mask_text(" ".join(f"{type(err).__name__}: {err}".split()))
+        raise ConfigError("", f"cannot open it: {reason}", f"Optuna storage {mask_url(url)}") from None
 
 
 def _sampler(spec: TuneSpec) -> optuna.samplers.BaseSampler:
@@ -242,9 +290,7 @@ def init_study(
 
 
 def _create_parent_run(spec: TuneSpec, tracking_uri: str | None) -> str:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
+    client = open_client(tracking_uri or _default_tracking_uri())
     exp_id = ensure_experiment(client, spec.experiment)  # artifacts beside the store, under its lock
     run = client.create_run(
         exp_id,
@@ -418,9 +464,7 @@ def _tag_run(tracking_uri: str | None, run_dir: Path, state: str) -> None:
     (``tags.optuna.state = 'PRUNED'``); nothing when the trial was not tracked."""
     run_id = read_run_id(run_dir)
     if run_id:
-        import mlflow
-
-        mlflow.MlflowClient(tracking_uri or _default_tracking_uri()).set_tag(run_id, "optuna.state", state)
+        open_client(tracking_uri or _default_tracking_uri()).set_tag(run_id, "optuna.state", state)
 
 
 def run_worker(
@@ -455,8 +499,7 @@ def run_worker(
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as err:
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
-            raise
+            raise _failed(trial, err) from None
 
     while (n_trials is None or sum(mine.values()) < n_trials) and _waiting(study):
         try:
@@ -470,6 +513,18 @@ def run_worker(
             break
         mine[trial.state.name] += 1
     return mine
+
+
+class TrialFailed(RuntimeError):
+    """A trial's error with URL passwords masked: what Optuna logs and stores in place of the original."""
+
+
+def _failed(trial: optuna.Trial, err: Exception) -> TrialFailed:
+    """Record why a trial failed (``fail_reason``), log the masked traceback, return the masked error."""
+    reason = mask_text(f"{type(err).__name__}: {err}")
+    trial.set_user_attr("fail_reason", reason[:2000])
+    log.warning("trial %d failed:\n%s", trial.number, mask_text(traceback.format_exc()).rstrip())
+    return TrialFailed(reason)
 
 
 # --------------------------------------------------------------------------- best parameters and tables
@@ -516,9 +571,7 @@ def _summarise_parent(
 ) -> None:
     """The study's MLflow run carries its result: best value and parameters, trial counts, best.yaml, the
     trials table and a parameter-importance figure (fANOVA over the complete trials, when two or more)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri or _default_tracking_uri())
+    client = open_client(tracking_uri or _default_tracking_uri())
     client.log_metric(parent, f"best_{spec.metric}", best["value"])
     for key, value in best["overrides"].items():
         client.set_tag(parent, f"best.{key}", str(value))
@@ -628,7 +681,17 @@ def run_study(
 def add_arguments(parser: Any) -> None:
     parser.add_argument("spec", help="study spec YAML (ablations/tune-*.yaml)")
     parser.add_argument("--out", help="output folder (default results/tuning/<study>)")
-    parser.add_argument("--storage", help="journal file path or database URL (default: <out>/optuna.journal)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--storage",
+        help="journal file path or database URL without a password (default: <out>/optuna.journal)",
+    )
+    where.add_argument(
+        "--storage-env", metavar="NAME", help="read the storage URL from this environment variable"
+    )
+    where.add_argument(
+        "--storage-file", metavar="PATH", help="read the storage URL from this owner-only file"
+    )
     parser.add_argument(
         "--n-trials", type=int, help="trials in the study, queued by the init stage (default: the spec's)"
     )
@@ -637,7 +700,10 @@ def add_arguments(parser: Any) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override every trial"
     )
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI without a password (default $MLFLOW_TRACKING_URI or sqlite)",
+    )
     parser.add_argument("--data-dir", help="cache folder for generated task data")
     parser.add_argument("--done-file", help="write this worker's tally as JSON here (workflow marker)")
 
@@ -653,7 +719,8 @@ def run_cli(args: Any) -> int:
             extra[key] = yaml_load(text)
         spec = load_tune_spec(args.spec, extra=extra)
         out_dir = Path(args.out or f"results/tuning/{spec.name}")
-        storage = make_storage(args.storage, out_dir)
+        reject_password(args.tracking_uri, "--tracking-uri")
+        storage = make_storage(storage_url(args.storage, args.storage_env, args.storage_file), out_dir)
         track = not args.no_track
         if args.stage in ("all", "init"):
             init_study(
@@ -671,7 +738,7 @@ def run_cli(args: Any) -> int:
             best = write_best(spec, storage, out_dir, tracking_uri=args.tracking_uri)
             print(f"{spec.name}: best {spec.metric} = {best['value']:.4g} with {best['overrides']}")
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask_text(str(err))}", file=sys.stderr)
         return 2
     return 0
 
@@ -688,7 +755,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="palimpsa tune", description=main.__doc__)
     add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except Exception:  # the workflow's entry point: its traceback lands in a job log
+        print_masked_traceback()
+        return 1
 
 
 if __name__ == "__main__":
@@ -700,6 +772,7 @@ __all__ = [
     "init_study",
     "load_tune_spec",
     "make_storage",
+    "storage_url",
     "read_overrides",
     "run_study",
     "run_worker",

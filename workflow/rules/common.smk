@@ -16,9 +16,11 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 BASEDIR = str(Path(workflow.basedir).resolve())
 sys.path.insert(0, BASEDIR)  # the checkout's palimpsa package, installed or not
 
+from palimpsa.atomic import file_mode  # noqa: E402
 from palimpsa.config import ConfigError  # noqa: E402
+from palimpsa.credentials import has_password, mask_url, reject_passwords  # noqa: E402
 from palimpsa.grid import load_grid, schema_errors  # noqa: E402
-from palimpsa.tuning import load_tune_spec  # noqa: E402
+from palimpsa.tuning import load_tune_spec, storage_url  # noqa: E402
 
 # Jobs run in the interpreter that runs Snakemake, or with `--sdm conda` in the environment.yml env that
 # each rule names. The interpreter and the scripts folder reach the shell commands as environment
@@ -48,6 +50,8 @@ config.setdefault("run_overrides", {})
 config.setdefault("data_cache", "results/data")
 config["tuning"].setdefault("workers", 1)
 config["tuning"].setdefault("storage", None)
+config["tuning"].setdefault("storage_env", None)
+config["tuning"].setdefault("storage_file", None)
 config["tuning"].setdefault("n_trials", None)
 config["report"].setdefault("module", "reports.build")
 
@@ -56,9 +60,26 @@ RUNS = f"{RESULTS}/runs"
 TUNING = f"{RESULTS}/tuning"
 TABLES = f"{RESULTS}/tables"
 DATA_CACHE = config["data_cache"]
-TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
 MLFLOW_READY = f"{RESULTS}/meta/mlflow-store.json"
 RUN_OVERRIDES = config["run_overrides"]
+
+
+def _check_credentials():
+    """Passwords stay out of the config (job logs and params copy it): the environment, an owner-only file or
+    ~/.pgpass hold them. The Optuna storage is read once here, so a missing variable stops the run now."""
+    tuning = config["tuning"]
+    try:
+        reject_passwords(config)
+        if sum(bool(tuning[k]) for k in ("storage", "storage_env", "storage_file")) > 1:
+            raise ConfigError("tuning", "give one of storage, storage_env and storage_file")
+        storage_url(env=tuning["storage_env"], file=tuning["storage_file"])
+        file_mode()
+    except ConfigError as err:
+        _user_error(f"{_config_sources()}: {err}")
+
+
+_check_credentials()
+TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
 
 # What every job sees, wherever it runs: the checkout's package (whatever the working directory), the
 # MLflow store every job (trainer, tuning, report) logs to, the interpreter and the workflow's scripts.
@@ -68,13 +89,16 @@ os.environ.update(
     PALIMPSA_PY=PY,
     PALIMPSA_SCRIPTS=SCRIPTS,
 )
+# Declared variables are handed to jobs, by some executors as `export VAR=value &&` on the job's command
+# line, where the process list shows them: a tracking URI with a password is inherited instead (local and
+# SLURM jobs start in this environment), and so are MLFLOW_TRACKING_USERNAME / _PASSWORD.
+JOB_ENVVARS = ["PYTHONPATH", "PALIMPSA_PY", "PALIMPSA_SCRIPTS"]
+if not has_password(TRACKING_URI):
+    JOB_ENVVARS.append("MLFLOW_TRACKING_URI")
 
 
 envvars:
-    "PYTHONPATH",
-    "MLFLOW_TRACKING_URI",
-    "PALIMPSA_PY",
-    "PALIMPSA_SCRIPTS",
+    *JOB_ENVVARS,
 
 
 # --------------------------------------------------------------------------- grids
@@ -175,8 +199,11 @@ def all_targets():
 
 
 def _storage_arg(study):
-    url = config["tuning"]["storage"]
-    return f"--storage {shlex.quote(url)}" if url else ""
+    """The storage as the worker finds it: a URL without a password, or the name of the variable or file that
+    holds one (never the URL itself, which would show in the process list and the job's params)."""
+    options = {"storage": "--storage", "storage_env": "--storage-env", "storage_file": "--storage-file"}
+    given = [(option, config["tuning"][key]) for key, option in options.items() if config["tuning"][key]]
+    return " ".join(f"{option} {shlex.quote(str(value))}" for option, value in given)
 
 
 def tune_cmd(study, stage):

@@ -11,8 +11,7 @@ rule mlflow_store:
     conda:
         CONDA_ENV
     shell:
-        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" init --tracking-uri "$MLFLOW_TRACKING_URI"'
-        " --out {output} > {log} 2>&1"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" init --out {output} > {log} 2>&1'
 
 
 rule dataset:

@@ -53,14 +53,15 @@ def _experiment_ids():
 
 
 def mlflow_ui_lines():
-    """The command that opens the UI on this store and the page of each grid's runs."""
-    db = TRACKING_URI.removeprefix("sqlite:///") if TRACKING_URI.startswith("sqlite:///") else None
+    """The command that opens the UI on this store and the page of each grid's runs (passwords masked)."""
+    uri = mask_url(TRACKING_URI)
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
     if db is not None:
         command, address = f"mlflow ui --backend-store-uri sqlite:///{_shown(db)}", UI_ADDRESS
-    elif TRACKING_URI.startswith(("http://", "https://")):
-        command, address = None, TRACKING_URI.rstrip("/")
+    elif uri.startswith(("http://", "https://")):
+        command, address = None, uri.rstrip("/")
     else:
-        command, address = f"mlflow ui --backend-store-uri {TRACKING_URI}", UI_ADDRESS
+        command, address = f"mlflow ui --backend-store-uri {uri}", UI_ADDRESS
     pages = [f"{address}/#/experiments/{exp_id}/runs ({name})" for name, exp_id in _experiment_ids()]
     pages = pages or [f"{address}/#/experiments"]
     verb = "then open" if command else "open"

@@ -32,8 +32,8 @@ rule sweep_summary:
     conda:
         CONDA_ENV
     shell:
-        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" summary --tracking-uri "$MLFLOW_TRACKING_URI"'
-        " --sweep {input.sweep} --table {input.runs} --out {output} > {log} 2>&1"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" summary --sweep {input.sweep}'
+        " --table {input.runs} --out {output} > {log} 2>&1"
 
 
 rule report:

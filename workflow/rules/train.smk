@@ -17,8 +17,8 @@ rule sweep:
     conda:
         CONDA_ENV
     shell:
-        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" sweep --tracking-uri "$MLFLOW_TRACKING_URI"'
-        " --grid {wildcards.grid} --experiment {params.experiment:q} --description {params.description:q}"
+        '"$PALIMPSA_PY" "$PALIMPSA_SCRIPTS/mlflow_store.py" sweep --grid {wildcards.grid}'
+        " --experiment {params.experiment:q} --description {params.description:q}"
         " --tags {params.tags:q} --out {output} > {log} 2>&1"
 
 

@@ -1,8 +1,11 @@
 """MLflow bookkeeping of the workflow: create the store, create a grid's parent sweep run, summarise it.
 
-    mlflow_store.py init    --tracking-uri URI --out MARKER
-    mlflow_store.py sweep   --tracking-uri URI --grid NAME --experiment NAME --out SWEEP_JSON [--tags JSON]
-    mlflow_store.py summary --tracking-uri URI --sweep SWEEP_JSON --table RUNS_PARQUET --out SUMMARY_JSON
+    mlflow_store.py init    --out MARKER
+    mlflow_store.py sweep   --grid NAME --experiment NAME --out SWEEP_JSON [--tags JSON]
+    mlflow_store.py summary --sweep SWEEP_JSON --table RUNS_PARQUET --out SUMMARY_JSON
+
+The store is ``$MLFLOW_TRACKING_URI`` (``--tracking-uri`` overrides it with a URI that holds no password:
+a command line shows in the process list). Whatever this writes or prints has URL passwords masked.
 
 Creating a SQLite store from several processes at once races on the schema migration, so the
 workflow runs ``init`` alone before any training job. ``summary`` runs once every point of the grid has
@@ -29,18 +32,26 @@ def _write(path: str, data: dict) -> None:
 
 
 def _client(uri: str):
-    import mlflow
+    from palimpsa.tracking import open_client
 
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return mlflow.MlflowClient(uri)
+    return open_client(uri)  # a SQLite store is created owner-only
+
+
+def tracking_uri(given: str | None) -> str:
+    """``--tracking-uri`` when given (no password allowed there), else the environment's, else the default."""
+    from palimpsa.credentials import reject_password
+    from palimpsa.tracking import DEFAULT_URI
+
+    reject_password(given, "--tracking-uri")
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def init(args: argparse.Namespace) -> None:
+    from palimpsa.credentials import mask_url
+
     client = _client(args.tracking_uri)
     experiments = client.search_experiments()  # forces schema creation / migration now
-    _write(args.out, {"tracking_uri": args.tracking_uri, "experiments": len(experiments)})
+    _write(args.out, {"tracking_uri": mask_url(args.tracking_uri), "experiments": len(experiments)})
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -115,30 +126,33 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from palimpsa.credentials import mask_text, mask_url
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_init = sub.add_parser("init")
-    p_init.add_argument("--tracking-uri", required=True)
     p_init.add_argument("--out", required=True)
     p_sweep = sub.add_parser("sweep")
-    p_sweep.add_argument("--tracking-uri", required=True)
     p_sweep.add_argument("--grid", required=True)
     p_sweep.add_argument("--experiment", required=True)
     p_sweep.add_argument("--description", default="")
     p_sweep.add_argument("--tags", default="{}")
     p_sweep.add_argument("--out", required=True)
     p_summary = sub.add_parser("summary")
-    p_summary.add_argument("--tracking-uri", required=True)
     p_summary.add_argument("--sweep", required=True, help="the grid's sweep.json")
     p_summary.add_argument("--table", required=True, help="results/tables/runs.parquet")
     p_summary.add_argument("--out", required=True)
+    for command in (p_init, p_sweep, p_summary):
+        command.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     try:
+        args.tracking_uri = tracking_uri(args.tracking_uri)
         {"init": init, "sweep": sweep, "summary": summary}[args.command](args)
     except Exception as err:  # one line for the job log: the store is unreachable or malformed
-        print(f"error: MLflow store {args.tracking_uri}: {type(err).__name__}: {err}", file=sys.stderr)
+        where = mask_url(args.tracking_uri)
+        print(mask_text(f"error: MLflow store {where}: {type(err).__name__}: {err}"), file=sys.stderr)
         return 1
     return 0
 
