@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server for tests: its own data folder, a free loopback port, trust auth.
+"""A throwaway PostgreSQL server for tests: its own data folder, a free loopback port, trust auth except for
+:data:`PASSWORD_ROLE`, which must give its password (:func:`password_database` creates it and its databases).
 
 ``$PALIMPSA_TEST_POSTGRES_URL`` (a server URL without a database) is used as is when set. Otherwise the
 server binaries are looked up on PATH and under /usr/lib/postgresql; as root, the server runs as the
@@ -18,6 +19,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+PASSWORD_ROLE = "palimpsa_pw"  # the one role that logs in with a password (scram-sha-256) over TCP
+HBA = f"""local all all trust
+host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256
+host all {PASSWORD_ROLE} ::1/128 scram-sha-256
+host all all 127.0.0.1/32 trust
+host all all ::1/128 trust
+"""
 
 
 def _binary(name: str) -> str | None:
@@ -64,6 +74,7 @@ def postgres_server() -> Iterator[str]:
     port = _free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(_binary("initdb"), "-D", str(data), "-A", "trust", "-U", user, "--no-sync")
+    (data / "pg_hba.conf").write_text(HBA)
     opts = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off -c max_connections=200"
     run(_binary("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "start")
     try:
@@ -92,3 +103,21 @@ def create_database(server_url: str, name: str) -> str:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     return f"{server_url}/{name}"
+
+
+def password_database(server_url: str, name: str, password: str) -> str:
+    """Create database ``name`` owned by :data:`PASSWORD_ROLE` (whose password becomes ``password``) and
+    return its URL with the password in it, as a user would keep it in an environment variable."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{server_url}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PASSWORD_ROLE,))
+        verb = "ALTER" if cur.fetchone() else "CREATE"
+        cur.execute(f"{verb} ROLE {PASSWORD_ROLE} LOGIN PASSWORD %s", (password,))
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}" OWNER {PASSWORD_ROLE}')
+    conn.close()
+    host = urlsplit(server_url).netloc.rpartition("@")[2]
+    return f"postgresql://{PASSWORD_ROLE}:{quote(password, safe='')}@{host}/{name}"
