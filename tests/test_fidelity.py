@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from palimpsa.config import ModelConfig, RunConfig, config_from_dict, load_config
 from palimpsa.grid import load_grid
@@ -16,7 +17,6 @@ from palimpsa.io import dump_yaml, yaml_load
 from palimpsa.layers.common import A_RAMPS, init_a_log, init_dt_bias
 from palimpsa.model import build_model
 from palimpsa.training import epoch_lr_factor, param_groups, train
-from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_GRID = ROOT / "ablations" / "mqar-official.yaml"

@@ -4,13 +4,13 @@ recall binned by key-to-query distance, and a loop that reads the device back on
 from __future__ import annotations
 
 import torch
+from tiny import tiny_config
 
 from palimpsa.config import config_from_dict
 from palimpsa.model import build_model
 from palimpsa.tasks import IGNORE_INDEX, MQARConfig, generate_mqar
 from palimpsa.tasks.metrics import gap_bin, query_distances, recall_by_gap
 from palimpsa.training import masked_cross_entropy, scored_positions
-from tests.tiny import tiny_config
 
 
 def mqar_batch(n: int = 8):
