@@ -1,0 +1,15 @@
+"""Session-wide test setup.
+
+Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before triton is first
+imported; importing the project's ops can import it (torch's compiler, which the ops opt out of, loads it),
+so the switch is set here, before any test module is collected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
