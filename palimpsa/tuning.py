@@ -207,14 +207,14 @@ def _database_storage(url: str) -> Any:
     if db is not None:
         private_file(db)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)  # copies the trial, attrs included
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)  # copies the trial, attrs included
     try:
         return RDBStorage(
             url,
             engine_kwargs=kwargs,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
-            failed_trial_callback=retry,
+            heartbeat_stale_trial_callback=retry,
         )
     except Exception as err:  # SQLAlchemy's assorted connect and parse errors
         reason = mask_text(" ".join(f"{type(err).__name__}: {err}".split()))
@@ -356,7 +356,7 @@ def _queue(study: optuna.Study, count: int, replaces: int | None = None) -> None
 
 def _replaced(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     """Numbers of the trials another one stands in for: retired here, or retried after a missed heartbeat."""
-    retry = optuna.storages.RetryFailedTrialCallback
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback
     out = {t.user_attrs[REPLACES] for t in trials if REPLACES in t.user_attrs}
     with warnings.catch_warnings():  # a public helper Optuna still labels experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
