@@ -162,3 +162,29 @@ def test_vocab_size_and_init():
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     assert model.backends() == {"layer0": "torch", "layer1": "torch"}
     assert build_model(run_config("gated_deltanet")).backends()["layer1"] == "torch"
+
+
+def test_short_conv_is_a_causal_depthwise_conv1d():
+    """The shifted sums equal ``conv1d`` over left-padded input, in float64 and (to fp32 accumulation) bf16,
+    and feeding the input in two pieces through the cache gives the same outputs, bit for bit."""
+    import torch.nn.functional as F
+
+    from palimpsa.layers.common import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4).double()
+    with torch.no_grad():
+        conv.weight.normal_()  # values fp32 cannot hold
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    y, tail = conv(x)
+    padded = torch.cat([x.new_zeros(2, 6, 3), x.transpose(1, 2)], dim=-1)
+    ref = F.conv1d(padded, conv.weight, groups=6).transpose(1, 2)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-14)
+    assert torch.equal(tail, x[:, -3:].transpose(1, 2))
+    y1, t1 = conv(x[:, :5])
+    y2, t2 = conv(x[:, 5:], t1)
+    assert torch.equal(torch.cat([y1, y2], dim=1), y) and torch.equal(t2, tail)
+    yb, _ = conv.float()(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.double(), F.conv1d(padded.bfloat16().double(), conv.weight.double(), groups=6)
+                          .transpose(1, 2), rtol=1e-2, atol=1e-2)  # fmt: skip

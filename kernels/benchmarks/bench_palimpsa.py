@@ -18,8 +18,9 @@ nothing here uses those gradients, and training must never do this.
 Our op runs once per backward variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, read
 at the backward): ``palimpsa_triton`` as shipped (the two-pass backward, sub-chunks of S = 4 tokens),
 ``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity),
-``_onepass_direct`` the same with the per-element d log alpha, and the neighbouring sub-chunk lengths of
-each walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``). Each record carries its ``config``
+``_onepass_direct`` the same with the per-element d log alpha, the neighbouring sub-chunk lengths of
+each walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``), and both paths at the fixed launch
+widths that preceded ``"auto"`` warps (``_fixedwarps``). Each record carries its ``config``
 and the per-kernel times of one step. Rows run in priority order (the first three variants and GDN on every
 shape first, then the other variants and baselines); ``--budget-s`` stops starting new rows after that many
 seconds.
@@ -48,6 +49,7 @@ SHAPES: list[tuple[str, tuple[int, int, int, int, int]]] = [
     ("design-3", (8, 2048, 16, 128, 128)),
     ("paper-170M", (4, 4096, 16, 48, 48)),
     ("paper-760M", (4, 4096, 16, 96, 192)),
+    ("mqar-512", (128, 512, 8, 16, 32)),
 ]
 DEV = torch.device("cuda")
 SHIPPED = dict(chunk.CONFIG)  # the defaults every variant starts from
@@ -84,6 +86,7 @@ def fla_inputs(B, T, H, K, V, kind):
     return [_leaf(x) for x in xs]
 
 
+FIXED_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
 VARIANTS: dict[str, dict] = {
     "palimpsa_triton": {},
     "palimpsa_triton_onepass": {"backward": "one_pass"},
@@ -92,6 +95,9 @@ VARIANTS: dict[str, dict] = {
     "palimpsa_triton_sub8": {"main_sub": 8},
     "palimpsa_triton_onepass_sub2": {"backward": "one_pass", "onepass_sub": 2},
     "palimpsa_triton_onepass_sub8": {"backward": "one_pass", "onepass_sub": 8},
+    # the launch widths before "auto" (the same as auto from K * V = 4096 up; differ on small heads)
+    "palimpsa_triton_fixedwarps": FIXED_WARPS,
+    "palimpsa_triton_onepass_fixedwarps": {"backward": "one_pass", **FIXED_WARPS},
 }
 PRIORITY = (*list(VARIANTS)[:3], "fla_gdn_chunk")
 

@@ -1,7 +1,7 @@
 """Where the time goes: per-kernel GPU time of one Palimpsa fwd+bwd, and a sweep of launch shapes.
 
     python -m kernels.benchmarks.profile_palimpsa [--backward two_pass one_pass]
-        [--sweep [--sub 1 2 4] [--bv 16 32 64] [--warps 4 8]]
+        [--sweep [--sub 1 2 4] [--bv 16 32 64] [--warps 4 8]] [--shapes design-1 design-3]
 
 Per-kernel times come from the torch profiler (CUDA activity), summed over 5 steps and divided by 5, for each
 backward path in ``--backward``. The sweep varies the walk of each of those paths (``main_*`` settings of the
@@ -64,12 +64,14 @@ def main(argv=None):
     ap.add_argument("--backward", nargs="+", choices=sorted(WALK_KEYS), default=["two_pass", "one_pass"])
     ap.add_argument("--sub", type=int, nargs="+", default=[1, 2, 4], help="sweep: sub-chunk lengths")
     ap.add_argument("--bv", type=int, nargs="+", default=[16, 32, 64], help="sweep: V blocks of the walk")
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="sweep: warps of the walk")
+    ap.add_argument("--warps", nargs="+", default=["auto", 4, 8], help="sweep: warps of the walk (or auto)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
+    ap.add_argument("--shapes", nargs="+", default=[SHAPES[0][0], SHAPES[2][0]], help="names in SHAPES")
     args = ap.parse_args(argv)
     base = dict(chunk.CONFIG)
+    chosen = [(name, shape) for name, shape in SHAPES if name in args.shapes]
     for backward in args.backward:
-        for name, shape in [] if args.no_profile else SHAPES[:3]:
+        for name, shape in [] if args.no_profile else chosen:
             rows = per_kernel(shape, {"backward": backward})
             total = sum(t for _, t in rows)
             print(f"\n{name} {shape} {backward}: sum of kernel times {total:.3f} ms")
@@ -78,8 +80,9 @@ def main(argv=None):
     if args.sweep:
         for backward in args.backward:
             grid = dict(zip(WALK_KEYS[backward], (args.sub, args.bv, args.warps), strict=True))
-            for name, shape in (SHAPES[0], SHAPES[2]):
+            for name, shape in chosen:
                 for vals in itertools.product(*grid.values()):
+                    vals = tuple(v if v == "auto" else int(v) for v in vals)
                     setting = {"backward": backward, **dict(zip(grid, vals, strict=True))}
                     try:
                         ms = do_bench(step_fn(shape, setting), warmup=10, rep=30, return_mode="median")

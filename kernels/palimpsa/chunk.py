@@ -363,14 +363,15 @@ def _main_bwd(
 
 
 # Launch shapes. BK always covers all of K (padded to a power of two); the V blocks below are upper bounds.
-CONFIG: dict[str, int] = {
+# A "*_warps" of "auto" gives the program about ELEMENTS_PER_THREAD state elements a thread (see num_warps).
+CONFIG: dict[str, int | str] = {
     "states_bv": 64,
     "out_bv": 32,
-    "out_warps": 4,
+    "out_warps": "auto",
     "local_bv": 32,
-    "local_warps": 4,
+    "local_warps": "auto",
     "main_bv": 64,
-    "main_warps": 8,
+    "main_warps": "auto",
     # the reverse walk rebuilds the state before every S tokens by a product from the chunk's boundary state,
     # replays those S tokens elementwise and keeps their states on chip (S register tiles of M and Ibar);
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
@@ -379,7 +380,7 @@ CONFIG: dict[str, int] = {
     # scan, tensor-core corrections). Not yet timed on a GPU, so not the default.
     "backward": "two_pass",
     "onepass_bv": 64,
-    "onepass_warps": 8,
+    "onepass_warps": "auto",
     "onepass_sub": 4,
     # the one-pass backward's d log alpha: "identity" (no per-element work; its error is absolute, see
     # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
@@ -387,6 +388,23 @@ CONFIG: dict[str, int] = {
     "correct_block": 32,  # V and K blocks of the correction's products (sm_90: no spills up to K = V = 128)
     "correct_warps": 4,
 }
+
+
+ELEMENTS_PER_THREAD = 8
+MAX_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
+
+
+def num_warps(key: str, BK: int, BV: int) -> int:
+    """``CONFIG[key]``, or for "auto" enough warps for about 8 elements of the ``[BV, BK]`` state tile a
+    thread (1 warp up to ``MAX_WARPS[key]``). Why: every token of a walk is a chain of dependent steps, so a
+    program's speed is set by its latency, not its width; small heads (MQAR's K 16, V 32: 512 elements) on
+    8 warps spend each token on cross-warp sums for 2 elements a thread, while 2 warps hold 8 and let 4x as
+    many programs share a multiprocessor."""
+    value = CONFIG[key]
+    if value != "auto":
+        return int(value)
+    want = max(1, BK * BV // (32 * ELEMENTS_PER_THREAD))
+    return min(next_pow2(want), MAX_WARPS[key])
 
 
 def _bv(V: int, BK: int, cap: int, floor: int = 8) -> int:
@@ -425,7 +443,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             q, k, u, beta, log_alpha, om, ip, hm, hi, y, var if output_variance else y,
             layout.cu_seqlens, layout.chunk_index, scale,
             H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, FAST_RCP=q.is_cuda,
-            num_warps=CONFIG["out_warps"],
+            num_warps=num_warps("out_warps", BK, BVo),
         )  # fmt: skip
         ctx.save_for_backward(q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi)
         ctx.meta = (scale, layout, C, use_init, output_final)
@@ -468,7 +486,8 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         BVl = _bv(V, BK, CONFIG["local_bv"])
         _local_bwd[(triton.cdiv(V, BVl), NT, H)](
             q, k, u, beta, log_alpha, ip, hm, hi, dy, dvar, dhm, dhi, layout.cu_seqlens, layout.chunk_index,
-            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar, num_warps=CONFIG["local_warps"],
+            scale, H=H, K=K, V=V, C=C, BK=BK, BV=BVl, HAS_DVAR=has_dvar,
+            num_warps=num_warps("local_warps", BK, BVl),
         )  # fmt: skip
         # 4. reverse scan over chunks
         d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
@@ -514,7 +533,7 @@ def _main_step(q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, has_dva
         q, k, u, beta, log_alpha, ip, hm, hi, dhm, dhi, dy, dvar, dq, dk, du, db, zla, dip,
         layout.cu_seqlens, layout.chunk_index, scale,
         H=H, K=K, V=V, C=C, BK=BK, BV=BVm, SUB=CONFIG["main_sub"], HAS_DVAR=has_dvar, ATOMIC=atomic,
-        PREC=dot_precision(q.dtype), num_warps=CONFIG["main_warps"],
+        PREC=dot_precision(q.dtype), num_warps=num_warps("main_warps", BK, BVm),
     )  # fmt: skip
     return dq, dk, du, db, zla.sum(-1), dip.sum((0, 1))
 

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd
+from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
 from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2
 
 
@@ -335,7 +335,8 @@ def onepass_backward(
         q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, dhm, dhi,
         layout.cu_seqlens, layout.chunk_index, scale, TT,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, SUB=CONFIG["onepass_sub"], HAS_DVAR=has_dvar, ATOMIC=atomic,
-        DLA_DIRECT=direct, FAST_RCP=q.is_cuda, PREC=prec, num_warps=CONFIG["onepass_warps"],
+        DLA_DIRECT=direct, FAST_RCP=q.is_cuda, PREC=prec,
+        num_warps=num_warps("onepass_warps", BK, BV),
     )  # fmt: skip
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
