@@ -521,6 +521,13 @@ def _make_point(
     )
 
 
+def point_tags(grid: Grid, point: GridPoint) -> dict[str, str]:
+    """The MLflow tags that tie a run to its grid point; the results tables read them back."""
+    tags = {"grid": grid.name, "grid.point": point.point_id, "palimpsa.role": "point"}
+    tags.update({f"axis.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in point.axes.items()})
+    return tags
+
+
 def write_point(
     point: GridPoint,
     grid: Grid,
@@ -538,9 +545,7 @@ def write_point(
     """
     cfg = point.resolve()
     sweep = json.loads(Path(sweep_file).read_text()) if sweep_file else {}
-    tags = {**cfg["tracking"].get("tags", {}), **grid.tags}
-    tags.update({"grid": grid.name, "grid.point": point.point_id, "palimpsa.role": "point"})
-    tags.update({f"axis.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in point.axes.items()})
+    tags = {**cfg["tracking"].get("tags", {}), **grid.tags, **point_tags(grid, point)}
     cfg["name"] = f"{grid.name}/{point.point_id}"
     cfg["tracking"].update(
         experiment=grid.experiment,

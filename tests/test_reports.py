@@ -372,6 +372,36 @@ def test_committed_mqar_official_example_matches_its_tables():
     assert any(f["section"] == "recall" for f in findings)  # recall by key-to-query distance is drawn
 
 
+def test_committed_mqar_campaign_matches_its_tables():
+    """reports/examples/mqar-official: the campaign's batches join into its tables, every run at the stated
+    budget, the findings recomputed from the tables, quoted verbatim by the README; one seed a mixer so far,
+    so every comparison is "cannot tell"."""
+    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official"
+    raw = pl.read_parquet(example / "runs.parquet")
+    batches = sorted(example.glob("batches/*/runs.parquet"))
+    assert batches and raw.height == sum(pl.read_parquet(b).height for b in batches)
+    assert set(raw.get_column("metric.steps")) == {5467} and set(raw.get_column("cfg.train.epochs")) == {7}
+    assert set(raw.get_column("metric.device")) == {"cuda"} and set(raw.get_column("status")) == {"FINISHED"}
+    assert set(raw.get_column("variant")) == {
+        "palimpsa",
+        "notpalimpsa",
+        "metamamba2",
+        "mamba2",
+        "gated_deltanet",
+    }
+    curves = pl.read_parquet(example / "curves.parquet").pivot(
+        on="key", index=["run_id", "step"], values="value"
+    )
+    findings = json.loads((example / "findings.json").read_text())
+    check_findings(findings, raw, curves, (example / "index.html").read_text())
+    verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
+    assert verdicts and all("cannot tell" in text for text in verdicts)
+    quoted = " ".join(
+        line[1:].strip() for line in (example / "README.md").read_text().splitlines() if line.startswith(">")
+    )
+    assert all(f["text"] in quoted for f in findings)
+
+
 def test_runs_at_chance_give_no_comparison(report):
     """The stored tiny runs never leave chance: the report screens them out and compares nothing."""
     assert not report.prepared.selected.get_column("learned").any()

@@ -7,7 +7,7 @@ work="${1:?}" out="${2:?}" wait_s="${3:-0}"
 start=$(date +%s)
 while [ $(( $(date +%s) - start )) -lt "$wait_s" ]; do
   done_runs=$(ls "$work"/runs/*/metrics.json "$work"/runs/*/failed.json 2>/dev/null | wc -l)
-  total=$(ls -d "$work"/runs/*/ 2>/dev/null | wc -l)
+  total=$(ls "$work"/runs/*.log 2>/dev/null | wc -l)  # run.sh creates each run's log before it starts
   [ "$done_runs" -ge "$total" ] && break
   sleep 10
 done
