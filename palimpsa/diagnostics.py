@@ -31,7 +31,7 @@ def collect_diagnostics(
     was_training = model.training
     model.eval()
     try:
-        raw = probe(inputs[:PROBE_EXAMPLES].to(device))
+        raw = probe(inputs[:PROBE_EXAMPLES].to(device).long())
     finally:
         model.train(was_training)
     return {str(k): float(v) for k, v in raw.items() if v is not None and math.isfinite(float(v))}

@@ -130,8 +130,9 @@ class PalimpsaLM(nn.Module):
         positions: Tensor | None = None,
     ):
         """Logits ``[B, T, vocab]``, or ``[B, S, vocab]`` at ``positions [B, S]`` only (the scored ones: the
-        output head and the loss then cost S/T of the full read-out)."""
-        h = self.embed(input_ids)
+        output head and the loss then cost S/T of the full read-out). ``input_ids`` may be any integer dtype
+        (task data keeps tokens as int16 or int32)."""
+        h = self.embed(input_ids.long())
         if self.cfg.residual_in_fp32:
             h = h.float()
         new_state = []
@@ -187,7 +188,7 @@ class PalimpsaLM(nn.Module):
         """
         out: dict[str, float] = {}
         consolidated, horizons, lr_effs = [], [], []
-        h = self.embed(input_ids)
+        h = self.embed(input_ids.long())
         for layer, block in enumerate(self.blocks):
             x = block.mixer_norm(h)
             prefix = f"diag.l{layer}"

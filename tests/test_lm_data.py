@@ -125,6 +125,34 @@ def test_packing_joins_documents_with_the_end_token_and_cuts_windows(corpus, tmp
     assert VAL_WORD not in tok.decode(data.train_inputs.flatten().tolist())
 
 
+def test_tokens_stay_compact_until_a_batch_is_drawn(corpus, tmp_path, monkeypatch) -> None:
+    """LM data keeps int16 tokens (int32 above 32,768 ids): the windows, gathered a block at a time, equal
+    the one-shot int64 gather; batches and the model get int64; a float or unsigned tensor is refused."""
+    from palimpsa.config import TrainConfig
+    from palimpsa.tasks.base import TaskData, token_dtype
+    from palimpsa.training.batches import Batches, Plan, epoch_order
+
+    assert token_dtype(320) == torch.int16 and token_dtype(32_768) == torch.int16
+    assert token_dtype(32_769) == torch.int32
+    monkeypatch.setattr(lm_module, "WINDOW_BLOCK", 7)  # 60 windows: 9 blocks, the last one short
+    data = build_task(lm_task(corpus), tmp_path, seed=0)
+    assert {getattr(data, name).dtype for name in TaskData.TENSORS} == {torch.int16}
+    stream = torch.arange(1000, dtype=torch.int32) % 300
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    blocked = lm_module._windows(stream, 60, 16, gen(), "num_train", "tokens", torch.int16)
+    starts = torch.randperm(999 // 16, generator=gen())[:60] * 16
+    assert torch.equal(blocked.long(), stream[starts[:, None] + torch.arange(17)].long())
+    plan = Plan.make(TrainConfig(batch_size=8, epochs=1), data.train_inputs.shape[0])
+    inputs, targets, positions = next(Batches(data, plan, 0, torch.device("cpu"), None).from_step(0))
+    assert inputs.dtype == targets.dtype == torch.long and positions is None
+    idx = epoch_order(0, 0, data.train_inputs.shape[0])[:8]
+    assert torch.equal(inputs, data.train_inputs[idx].long()) and torch.equal(
+        targets, data.train_targets[idx].long()
+    )
+    with pytest.raises(ValueError, match="train_inputs must be a 2-D int16/int32/int64 tensor"):
+        TaskData(*(data.train_inputs.float(), *(getattr(data, n) for n in TaskData.TENSORS[1:])), 320, "loss")
+
+
 def test_byte_level_configs_stay_byte_level() -> None:
     default = config_from_dict({"task": {"name": "lm"}}).task
     assert default.vocab_size == 256 and default.tokenizer is None

@@ -78,7 +78,7 @@ def test_lm_validation_reports_loss_by_position_and_the_unigram_loss() -> None:
     assert pooled == pytest.approx(metrics["val_loss"], rel=1e-5)  # every position scores as many tokens
     with torch.no_grad():
         logits = model(data.val_inputs).float()
-    first = F.cross_entropy(logits[:, 0], data.val_targets[:, 0])
+    first = F.cross_entropy(logits[:, 0], data.val_targets[:, 0].long())
     assert bins["val_loss_pos.0-0"] == pytest.approx(float(first), rel=1e-5)
     assert [position_bin(t) for t in (0, 1, 2, 3, 4, 100)] == ["0-0", "1-1", "2-3", "2-3", "4-7", "64-127"]
     counts = torch.bincount(data.train_targets.flatten()).double()

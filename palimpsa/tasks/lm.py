@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from palimpsa.errors import FieldError, TaskError
-from palimpsa.tasks.base import TaskData, split_generator
+from palimpsa.tasks.base import TaskData, split_generator, token_dtype
 from palimpsa.tasks.tokenizer import (
     BYTE_VOCAB,
     ByteTokenizer,
@@ -281,10 +281,14 @@ def _tokenize_hf(cfg: LMConfig, tokenizer: TextTokenizer) -> tuple[torch.Tensor,
     return out["train"].stream(), out["val"].stream()
 
 
+WINDOW_BLOCK = 4096  # windows gathered at a time: the int64 index of a block stays small
+
+
 def _windows(
-    data: torch.Tensor, count: int, length: int, gen: torch.Generator, key: str, unit: str
+    data: torch.Tensor, count: int, length: int, gen: torch.Generator, key: str, unit: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``count`` distinct windows of ``length + 1`` tokens at multiples of ``length``, in seeded order."""
+    """``count`` distinct windows of ``length + 1`` tokens at multiples of ``length``, in seeded order, as
+    ``dtype``; gathered a block at a time, so no ``[count, length + 1]`` int64 tensor is ever made."""
     available = (len(data) - 1) // length if len(data) > 1 else 0
     if available < count:
         raise TaskError(
@@ -292,7 +296,11 @@ def _windows(
             f"({len(data)} {unit}), fewer than the {count} asked for; lower {key} or seq_len"
         )
     starts = torch.randperm(available, generator=gen)[:count] * length
-    return data[starts[:, None] + torch.arange(length + 1)].long()
+    offsets = torch.arange(length + 1)
+    out = torch.empty(count, length + 1, dtype=dtype)
+    for lo in range(0, count, WINDOW_BLOCK):
+        out[lo : lo + WINDOW_BLOCK] = data[starts[lo : lo + WINDOW_BLOCK, None] + offsets].to(dtype)
+    return out
 
 
 def _byte_tensor(stream: bytes) -> torch.Tensor:
@@ -318,8 +326,11 @@ def build_lm(cfg: LMConfig, seed: int, cache_dir: str | Path | None = None) -> T
         unit, vocab = "tokens", cfg.vocab_size or tokenizer.vocab_size
     train_stream, val_stream = streams
     length = cfg.seq_len
-    train = _windows(train_stream, cfg.num_train, length, _generator(cfg, seed, "train"), "num_train", unit)
-    val = _windows(val_stream, cfg.num_val, length, _generator(cfg, seed, "val"), "num_val", unit)
+    dtype = token_dtype(vocab)
+    train = _windows(
+        train_stream, cfg.num_train, length, _generator(cfg, seed, "train"), "num_train", unit, dtype
+    )
+    val = _windows(val_stream, cfg.num_val, length, _generator(cfg, seed, "val"), "num_val", unit, dtype)
     return TaskData(
         train[:, :-1].contiguous(),
         train[:, 1:].contiguous(),

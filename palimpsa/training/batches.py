@@ -82,5 +82,10 @@ class Batches:
             idx = order[pos * batch : (pos + 1) * batch]
             if self.rank_slice is not None:
                 idx = idx[self.rank_slice]
-            yield self.inputs[idx], self.targets[idx], None if self.positions is None else self.positions[idx]
+            positions = None if self.positions is None else self.positions[idx]
+            yield (
+                self.inputs[idx].long(),
+                self.targets[idx].long(),
+                positions,
+            )  # compact token dtypes -> int64
             step += 1

@@ -105,7 +105,7 @@ def evaluate(
     pos_count = torch.zeros(val.inputs.shape[1], dtype=torch.long, device=device)
     accs, correct = [], []
     for start in range(0, val.inputs.shape[0], batch_size):
-        x, y = val.inputs[start : start + batch_size], val.targets[start : start + batch_size]
+        x, y = val.inputs[start : start + batch_size].long(), val.targets[start : start + batch_size].long()
         pos = None if val.positions is None else val.positions[start : start + batch_size]
         with amp():
             logits = model(x, positions=pos)

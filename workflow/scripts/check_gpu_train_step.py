@@ -49,8 +49,8 @@ def compare(kind: str, batch: int, device: str) -> list[str]:
             cfg_obj = copy.copy(cfg_obj)
             cfg_obj.backend = "reference"
             module.cfg = cfg_obj
-    inputs = data.train_inputs[:batch].to(device)
-    targets = data.train_targets[:batch].to(device)
+    inputs = data.train_inputs[:batch].to(device).long()
+    targets = data.train_targets[:batch].to(device).long()
     loss_fast, g_fast = loss_and_grads(fast, inputs, targets, autocast=device == "cuda")
     loss_fp32, g_fp32 = loss_and_grads(fast, inputs, targets, autocast=False)
     loss_ref, g_ref = loss_and_grads(ref.double(), inputs, targets, autocast=False)
