@@ -402,6 +402,43 @@ def test_committed_mqar_campaign_matches_its_tables():
     assert all(f["text"] in quoted for f in findings)
 
 
+def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
+    """make_configs.py writes each chosen grid point's config with train.epochs 7 and the workflow's point
+    tags; part B takes each mixer's best lr from part A's committed table; a value no point has is named."""
+    from palimpsa.config import load_config
+    from palimpsa.grid import load_grid
+
+    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official"
+    script = [sys.executable, str(example / "make_configs.py")]
+    run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True)  # noqa: E731
+    done = run("--where", "task.seq_len=512", "--variants", "palimpsa", "mamba2", "--lrs", "1e-3", "4.64e-3",
+               "--seeds", "2", "--out", str(tmp_path / "a"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    grid = load_grid(Path(__file__).parents[1] / "ablations" / "mqar-official.yaml")
+    files = sorted((tmp_path / "a").glob("*.yaml"))
+    assert len(files) == 4
+    for path in files:
+        point = grid.point(path.stem)
+        cfg = load_config(path)
+        assert (point.axes["task.seq_len"], point.axes["seed"]) == (512, 2)
+        assert cfg.train.epochs == 7 and cfg.train.lr == point.axes["train.lr"]
+        assert cfg.tracking.tags["grid.point"] == point.point_id and cfg.tracking.tags["axis.variant"]
+    part_a = pl.read_parquet(example / "runs.parquet").filter(pl.col("variant") == "palimpsa")
+    means = part_a.group_by("axis.train.lr").agg(pl.col("metric.val_accuracy").mean())
+    best_lr = means.sort("metric.val_accuracy").get_column("axis.train.lr")[-1]
+    capacity_grid = Path(__file__).parents[1] / "ablations" / "mqar-capacity.yaml"
+    done = run("--grid", str(capacity_grid), "--variants", "palimpsa", "--best-lr-from",
+               str(example / "runs.parquet"), "--seeds", "1", "--out", str(tmp_path / "b"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    capacity = [load_config(p) for p in (tmp_path / "b").glob("*.yaml")]
+    assert len(capacity) == 6  # 3 value dims x 2 loads
+    assert {c.train.lr for c in capacity} == {best_lr}
+    assert {(c.task.seq_len, c.train.batch_size) for c in capacity} == {(1024, 64)}
+    assert {c.model.mixer.head_v_dim for c in capacity} == {16, 32, 64}
+    done = run("--variants", "palimpsa", "--lrs", "4.6e-3", "--seeds", "1", "--out", str(tmp_path / "c"))
+    assert done.returncode == 1 and "no point has train.lr = 0.0046" in done.stderr
+
+
 def test_runs_at_chance_give_no_comparison(report):
     """The stored tiny runs never leave chance: the report screens them out and compares nothing."""
     assert not report.prepared.selected.get_column("learned").any()

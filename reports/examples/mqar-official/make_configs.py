@@ -1,12 +1,17 @@
-"""Write the run configs of one batch of this campaign: L = 512 points of ``ablations/mqar-official.yaml``.
+"""Write the run configs of one batch of this campaign, from the grid points it names.
 
-    python reports/examples/mqar-official/make_configs.py --variants palimpsa mamba2 --lrs 4.64e-3 --seeds 1 \
+    # part A: the published comparison at L = 512 (ablations/mqar-official.yaml)
+    python reports/examples/mqar-official/make_configs.py --where task.seq_len=512 \
+        --variants palimpsa mamba2 --lrs 4.64e-3 --seeds 1 --out WORKDIR/configs
+    # part B: memory capacity (ablations/mqar-capacity.yaml), each mixer at its best lr of part A
+    python reports/examples/mqar-official/make_configs.py --grid ablations/mqar-capacity.yaml \
+        --variants palimpsa mamba2 --best-lr-from reports/examples/mqar-official/runs.parquet --seeds 1 \
         --out WORKDIR/configs
 
 Every point keeps the published model and optimizer; the budget is the one change: ``train.epochs`` (default
-7, i.e. 5,467 steps of 781 an epoch, the per-epoch cosine running over those 7 epochs instead of 60). Runs go
-to the grid's MLflow experiment with the tags the workflow gives a grid point (``grid``, ``grid.point``,
-``axis.*``), so ``palimpsa.results`` reads their variant, lr and seed back.
+7, i.e. 5,467 steps of 781 an epoch at L = 512, the per-epoch cosine running over those 7 epochs instead of
+60). Runs go to the grid's MLflow experiment with the tags the workflow gives a grid point (``grid``,
+``grid.point``, ``axis.*``), so ``palimpsa.results`` reads their variant, lr and seed back.
 
 ``--tag-store URI`` gives those tags to the runs of a store that lack them: the first batch's configs put the
 point id inside one malformed ``grid`` tag (a mapping written as text), which this reads back.
@@ -17,32 +22,52 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from palimpsa.grid import Grid, load_grid, point_tags  # noqa: E402
+from palimpsa.grid import Grid, GridPoint, load_grid, point_tags  # noqa: E402
 from palimpsa.io import dump_yaml, yaml_load  # noqa: E402
 
-GRID = ROOT / "ablations/mqar-official.yaml"
+PART_A = ROOT / "ablations/mqar-official.yaml"
 
 
-def write_configs(
-    grid: Grid, variants: list[str], lrs: list[float], seeds: list[int], epochs: int, out: Path
-) -> int:
+def best_lrs(runs_table: Path) -> dict[str, float]:
+    """Each variant's lr with the highest mean final val accuracy over its seeds (ties: the smaller lr)."""
+    import polars as pl
+
+    runs = pl.read_parquet(runs_table).filter(pl.col("status") == "FINISHED")
+    means = runs.group_by("variant", "axis.train.lr").agg(pl.col("metric.val_accuracy").mean().alias("acc"))
+    best = means.sort(["variant", "acc", "axis.train.lr"], descending=[False, True, False]).unique(
+        "variant", keep="first"
+    )
+    return dict(zip(best.get_column("variant"), best.get_column("axis.train.lr"), strict=True))
+
+
+def select(grid: Grid, want: dict[str, list[Any]], lr_of: dict[str, float] | None) -> list[GridPoint]:
+    """The points whose axes take one of the wanted values (and, with ``lr_of``, their variant's lr)."""
     chosen = [
         p
         for p in grid.points
-        if p.axes["task.seq_len"] == 512
-        and p.axes["variant"] in variants
-        and p.axes["train.lr"] in lrs
-        and p.axes["seed"] in seeds
+        if all(p.axes.get(key) in values for key, values in want.items())
+        and (lr_of is None or p.axes["train.lr"] == lr_of.get(p.axes["variant"]))
     ]
-    want = len(variants) * len(lrs) * len(seeds)
-    if len(chosen) != want:
-        raise SystemExit(f"{GRID}: {len(chosen)} points match, expected {want}; check variants, lrs, seeds")
+    for key, values in want.items():
+        have = {p.axes.get(key) for p in grid.points}
+        missing = [v for v in values if v not in have]
+        if missing:
+            raise SystemExit(
+                f"{grid.path}: no point has {key} = {missing[0]!r}; its values: {sorted(have, key=str)}"
+            )
+    if not chosen:
+        raise SystemExit(f"{grid.path}: no point has all of {want}")
+    return chosen
+
+
+def write_configs(grid: Grid, points: list[GridPoint], epochs: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for point in chosen:
+    for point in points:
         cfg = point.resolve(
             {
                 "train.epochs": epochs,
@@ -51,9 +76,9 @@ def write_configs(
             }
         )
         cfg["tracking"]["tags"] = point_tags(grid, point)  # dotted tag names: not through set_key
-        header = f"# grid point {point.point_id} of {GRID.relative_to(ROOT)}, train.epochs {epochs}\n"
+        source = grid.path.resolve().relative_to(ROOT)
+        header = f"# grid point {point.point_id} of {source}, train.epochs {epochs}\n"
         (out / f"{point.point_id}.yaml").write_text(header + dump_yaml(cfg))
-    return len(chosen)
 
 
 def tag_store(grid: Grid, tracking_uri: str) -> int:
@@ -81,21 +106,35 @@ def tag_store(grid: Grid, tracking_uri: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", type=Path, default=PART_A)
+    ap.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE", help="keep points with it")
     ap.add_argument("--variants", nargs="+")
     ap.add_argument("--lrs", nargs="+", type=float)
+    ap.add_argument("--best-lr-from", type=Path, metavar="RUNS", help="each variant at its best lr in RUNS")
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--tag-store", metavar="URI", help="tag the runs of this MLflow store and stop")
     args = ap.parse_args(argv)
-    grid = load_grid(GRID)
+    grid = load_grid(args.grid)
     if args.tag_store:
         print(f"{tag_store(grid, args.tag_store)} runs tagged in {args.tag_store}")
         return 0
-    if not (args.variants and args.lrs and args.seeds and args.out):
-        ap.error("--variants, --lrs, --seeds and --out are required (or --tag-store)")
-    n = write_configs(grid, args.variants, args.lrs, args.seeds, args.epochs, args.out)
-    print(f"{n} configs in {args.out}")
+    if not (args.variants and args.seeds and args.out) or (args.lrs is None) == (args.best_lr_from is None):
+        ap.error("give --variants, --seeds, --out and one of --lrs or --best-lr-from (or --tag-store)")
+    want: dict[str, list[Any]] = {"variant": args.variants, "seed": args.seeds}
+    for item in args.where:
+        key, _, value = item.partition("=")
+        want[key] = [yaml_load(value)]
+    lr_of = None
+    if args.lrs:
+        want["train.lr"] = args.lrs
+    else:
+        lr_of = best_lrs(args.best_lr_from)
+        print("lr per variant:", ", ".join(f"{v} {lr_of.get(v)}" for v in args.variants))
+    points = select(grid, want, lr_of)
+    write_configs(grid, points, args.epochs, args.out)
+    print(f"{len(points)} configs in {args.out}")
     return 0
 
 
