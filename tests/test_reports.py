@@ -334,39 +334,47 @@ def test_every_number_in_the_findings_matches_the_tables(report, raw):
     check_findings(findings, raw, pl.read_parquet(CURVES), report.out.read_text())
 
 
-def test_committed_gpu_example_matches_its_tables():
-    """reports/examples/scale-gpu: the committed report's findings against the tables exported beside it."""
-    example = Path(__file__).parents[1] / "reports" / "examples" / "scale-gpu"
-    raw = pl.read_parquet(example / "runs.parquet")
-    assert raw.height >= 18 and set(raw.get_column("metric.device")) == {"cuda"}
-    curves = pl.read_parquet(example / "curves.parquet")  # long, as exported from MLflow: one row per value
-    curves = curves.pivot(on="key", index=["run_id", "step"], values="value")
-    findings = json.loads((example / "findings.json").read_text())
-    html = (example / "index.html").read_text()
-    check_findings(findings, raw, curves, html)
-    # 800 steps: no model learned in every seed at any size, so no model's quality is compared.
-    assert {f["section"] for f in findings} <= {"learned", "throughput"}
-    learned = next(f["text"] for f in findings if f["section"] == "learned")
-    assert "Learned in some seeds only (not compared): Gated DeltaNet at d128 H2 (1 of 2 seeds)" in learned
-    assert "no model's quality is compared" in learned
-    assert "the best model is" not in html and "the help stops" not in html
-    quoted = " ".join(
-        line[1:].strip() for line in (example / "README.md").read_text().splitlines() if line.startswith(">")
-    )
-    assert all(f["text"] in quoted for f in findings)  # the README quotes the findings verbatim
+EXAMPLES = Path(__file__).parents[1] / "reports" / "examples"
+FIVE_MIXERS = {"palimpsa", "notpalimpsa", "metamamba2", "mamba2", "gated_deltanet"}
 
 
-def test_committed_mqar_official_example_matches_its_tables():
-    """reports/examples/mqar-official-first: one seed per mixer, so every comparison is "cannot tell"."""
-    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official-first"
+def checked_example(name: str) -> tuple[pl.DataFrame, list[dict]]:
+    """A committed example's runs table and findings, every number of which is checked against its tables
+    (runs, and curves long as exported from MLflow: one row per value) and its report."""
+    example = EXAMPLES / name
     raw = pl.read_parquet(example / "runs.parquet")
-    assert raw.height == 5 and set(raw.get_column("metric.device")) == {"cuda"}
-    assert set(raw.get_column("metric.steps")) == {7029}
+    assert set(raw.get_column("metric.device")) == {"cuda"}
     curves = pl.read_parquet(example / "curves.parquet").pivot(
         on="key", index=["run_id", "step"], values="value"
     )
     findings = json.loads((example / "findings.json").read_text())
     check_findings(findings, raw, curves, (example / "index.html").read_text())
+    return raw, findings
+
+
+def readme_quotes(name: str) -> str:
+    lines = (EXAMPLES / name / "README.md").read_text().splitlines()
+    return " ".join(line[1:].strip() for line in lines if line.startswith(">"))
+
+
+def test_committed_gpu_example_matches_its_tables():
+    """reports/examples/scale-gpu: the committed report's findings against the tables exported beside it."""
+    raw, findings = checked_example("scale-gpu")
+    assert raw.height >= 18
+    # 800 steps: no model learned in every seed at any size, so no model's quality is compared.
+    assert {f["section"] for f in findings} <= {"learned", "throughput"}
+    learned = next(f["text"] for f in findings if f["section"] == "learned")
+    assert "Learned in some seeds only (not compared): Gated DeltaNet at d128 H2 (1 of 2 seeds)" in learned
+    assert "no model's quality is compared" in learned
+    html = (EXAMPLES / "scale-gpu" / "index.html").read_text()
+    assert "the best model is" not in html and "the help stops" not in html
+    assert all(f["text"] in readme_quotes("scale-gpu") for f in findings)  # quoted verbatim
+
+
+def test_committed_mqar_official_example_matches_its_tables():
+    """reports/examples/mqar-official-first: one seed per mixer, so every comparison is "cannot tell"."""
+    raw, findings = checked_example("mqar-official-first")
+    assert raw.height == 5 and set(raw.get_column("metric.steps")) == {7029}
     verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
     assert verdicts and all("cannot tell" in text for text in verdicts)
     assert any(f["section"] == "recall" for f in findings)  # recall by key-to-query distance is drawn
@@ -376,30 +384,14 @@ def test_committed_mqar_campaign_matches_its_tables():
     """reports/examples/mqar-official: the campaign's batches join into its tables, every run at the stated
     budget, the findings recomputed from the tables, quoted verbatim by the README; one seed a mixer so far,
     so every comparison is "cannot tell"."""
-    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official"
-    raw = pl.read_parquet(example / "runs.parquet")
-    batches = sorted(example.glob("batches/*/runs.parquet"))
+    raw, findings = checked_example("mqar-official")
+    batches = sorted((EXAMPLES / "mqar-official").glob("batches/*/runs.parquet"))
     assert batches and raw.height == sum(pl.read_parquet(b).height for b in batches)
     assert set(raw.get_column("metric.steps")) == {5467} and set(raw.get_column("cfg.train.epochs")) == {7}
-    assert set(raw.get_column("metric.device")) == {"cuda"} and set(raw.get_column("status")) == {"FINISHED"}
-    assert set(raw.get_column("variant")) == {
-        "palimpsa",
-        "notpalimpsa",
-        "metamamba2",
-        "mamba2",
-        "gated_deltanet",
-    }
-    curves = pl.read_parquet(example / "curves.parquet").pivot(
-        on="key", index=["run_id", "step"], values="value"
-    )
-    findings = json.loads((example / "findings.json").read_text())
-    check_findings(findings, raw, curves, (example / "index.html").read_text())
+    assert set(raw.get_column("status")) == {"FINISHED"} and set(raw.get_column("variant")) == FIVE_MIXERS
     verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
     assert verdicts and all("cannot tell" in text for text in verdicts)
-    quoted = " ".join(
-        line[1:].strip() for line in (example / "README.md").read_text().splitlines() if line.startswith(">")
-    )
-    assert all(f["text"] in quoted for f in findings)
+    assert all(f["text"] in readme_quotes("mqar-official") for f in findings)
 
 
 def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
@@ -408,7 +400,7 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     from palimpsa.config import load_config
     from palimpsa.grid import load_grid
 
-    example = Path(__file__).parents[1] / "reports" / "examples" / "mqar-official"
+    example = EXAMPLES / "mqar-official"
     script = [sys.executable, str(example / "make_configs.py")]
     run = lambda *a: subprocess.run([*script, *a], capture_output=True, text=True)  # noqa: E731
     done = run("--where", "task.seq_len=512", "--variants", "palimpsa", "mamba2", "--lrs", "1e-3", "4.64e-3",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the five runs of this example on one GPU, side by side under CUDA MPS, in the background.
-#   reports/examples/mqar-official-first/run.sh WORKDIR      then   .../collect.sh WORKDIR OUTDIR
+#   reports/examples/mqar-official-first/run.sh WORKDIR   then   reports/examples/mqar-official/collect.sh WORKDIR OUTDIR
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 work="${1:?usage: run.sh WORKDIR}"
