@@ -377,7 +377,8 @@ CONFIG: dict[str, int | str] = {
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
     "main_sub": 4,
     # "two_pass": steps 3-5 above; "one_pass": chunk_onepass.py (one walk per chunk from a zero adjoint, the
-    # scan, tensor-core corrections). Not yet timed on a GPU, so not the default.
+    # scan, tensor-core corrections). H200: 1.07x to 1.16x faster at the design shapes, a tie at MQAR's
+    # (notes.md, run 7); the default once it is timed in a language-model training step.
     "backward": "two_pass",
     "onepass_bv": 64,
     "onepass_warps": "auto",
