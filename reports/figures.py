@@ -303,6 +303,7 @@ FIGURES: list[Callable[[Prepared, Studies], FigureResult]] = [
     figures_scale.matched_comparison,
     figures_scale.gap_factors,
     figures_scale.recall_by_distance,
+    figures_scale.capacity,
     ablation_deltas,
     prior_continuum,
     figures_cost.learning_curves,

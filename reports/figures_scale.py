@@ -1,4 +1,5 @@
-"""Figures of the scale analysis: matched comparisons, the gap against measured factors, recall by distance.
+"""Figures of the scale analysis: matched comparisons, the gap against measured factors, recall by distance,
+and memory capacity (quality against state per stored pair).
 
 The first two draw the very numbers the findings print (they run the same builders), so a figure
 and its sentence cannot disagree; both draw only comparisons in which both sides learned.
@@ -20,6 +21,7 @@ from reports.plotting import (
     Studies,
     bounded_ylim,
     chance_band,
+    chance_caption,
     finish,
     legend_below,
     means_with_seeds,
@@ -29,7 +31,7 @@ from reports.plotting import (
     skip,
 )
 from reports.stats import LEVEL
-from reports.tables import Prepared
+from reports.tables import KIND_NAMES, Prepared
 
 
 def matched_comparison(prep: Prepared, tuning: Studies = None) -> FigureResult:
@@ -177,3 +179,74 @@ def recall_by_distance(prep: Prepared, tuning: Studies = None) -> FigureResult:
         "chance (one over the number of values); grey band: below the learned threshold (Methods)."
     )
     return finish(name, title, fig, caption, n)
+
+
+VARIANT_NAMES = {**KIND_NAMES, "notpalimpsa": "Palimpsa (meta off)"}
+
+
+def _mixer_names(sel: pl.DataFrame) -> pl.Expr:
+    """The grid's variant where runs name one (a mixer whatever its state size), else the report's model
+    label (which names a state size that varies within a mixer kind, so its points stay apart)."""
+    if "variant" not in sel.columns:
+        return pl.col("model")
+    named = pl.col("variant").replace_strict(VARIANT_NAMES, default=pl.col("variant"))
+    return pl.when(pl.col("variant").is_not_null()).then(named).otherwise(pl.col("model"))
+
+
+def capacity(prep: Prepared, tuning: Studies = None) -> FigureResult:
+    """Memory capacity: quality against recurrent state per stored key-value pair, one line per mixer and
+    load. If a mixer's lines for two loads fall on one curve, what it recalls is set by its state per pair."""
+    name, title = "capacity", "Memory capacity: quality against state per stored pair"
+    need = ("state_elements", "task.num_kv_pairs", "model.mixer.kind")
+    if not all(c in prep.selected.columns for c in need):
+        return skip(name, title, "no run with a recurrent state and a key-value load (MQAR)")
+    sel = prep.selected.filter(
+        pl.col("state_elements").is_not_null() & pl.col("task.num_kv_pairs").is_not_null()
+    )
+    sel = sel.with_columns(
+        _mixer_names(sel).alias("mixer"),
+        (pl.col("state_elements") / pl.col("task.num_kv_pairs")).alias("per_pair"),
+    )
+    per_config = sel.group_by("config_key").agg(pl.col("per_pair").mean().alias("x"))
+    sel = sel.join(per_config, on="config_key")
+    spread = sel.group_by("mixer").agg(pl.col("x").n_unique().alias("n"))
+    if spread.height < 2 or spread.get_column("n").max() < 2:
+        return skip(name, title, "fewer than two mixers, or no mixer at two or more states per pair")
+    loads = sorted(sel.get_column("task.num_kv_pairs").unique().to_list())
+    mixers = sorted(sel.get_column("mixer").unique().to_list())
+    base = dict(zip(mixers, sns.color_palette("tab10", n_colors=len(mixers)), strict=True))
+    shade = {load: i / max(len(loads), 2) for i, load in enumerate(loads)}  # more pairs: lighter
+    sel = sel.with_columns(
+        (
+            pl.col("mixer") + pl.lit(", ") + pl.col("task.num_kv_pairs").cast(pl.String) + pl.lit(" pairs")
+        ).alias("line")
+        if len(loads) > 1
+        else pl.col("mixer").alias("line")
+    )
+    colors = {}
+    for line, mixer, load in sel.select("line", "mixer", "task.num_kv_pairs").unique().iter_rows():
+        colors[line] = tuple(c + (1 - c) * shade[load] for c in base[mixer])
+    levels = sel.select("chance", "threshold").unique()
+    fig, axes = panels(1, width=7.0, height=4.0)
+    ax = axes[0]
+    if levels.height == 1 and levels.get_column("chance")[0] is not None:
+        chance_band(ax, (float(levels.get_column("chance")[0]), float(levels.get_column("threshold")[0])))
+    n_points = means_with_seeds(
+        ax, sel, "x", "quality", "line", colors, prep.bounds, hollow=not_learned_points(sel, "x", "line")
+    )
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="recurrent state per stored key-value pair (floats, all layers)", ylabel=prep.metric)
+    bounded_ylim(ax, prep.bounds)
+    legend_below(fig, axes)
+    caption = (
+        f"{prep.metric} against the recurrent state a model carries per key-value pair it must store: state "
+        "elements (H*K*V per layer summed over layers, doubled by the importance state of metaplastic "
+        "models) divided by task.num_kv_pairs. One line per mixer"
+        + (
+            f" and load ({', '.join(str(v) for v in loads)} pairs; more pairs drawn lighter)"
+            if len(loads) > 1
+            else ""
+        )
+        + f". {SEEDS_CAPTION} {chance_caption(prep)}"
+    )
+    return finish(name, title, fig, caption, n_points)

@@ -431,6 +431,44 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     assert done.returncode == 1 and "no point has train.lr = 0.0046" in done.stderr
 
 
+def test_capacity_figure_draws_state_per_pair_once_states_and_loads_vary(tmp_path):
+    """Part B's figure: the committed campaign (one state per mixer) skips it with its reason; the same runs
+    at three value dims, two loads and two seeds draw every run, one line per mixer and load."""
+    campaign = EXAMPLES / "mqar-official" / "runs.parquet"
+    skipped = build(parse_args(["--runs", str(campaign), "--out", str(tmp_path / "a" / "index.html")]))
+    (fig,) = [f for f in skipped.figures if f.name == "capacity"]
+    assert fig.skipped == "fewer than two mixers, or no mixer at two or more states per pair"
+    runs = pl.read_parquet(campaign)
+    rows = []
+    for row in runs.iter_rows(named=True):
+        for v, kv, seed in [(v, kv, s) for v in (16, 32, 64) for kv in (128, 256) for s in (1, 2)]:
+            axes = {"model.mixer.head_v_dim": v, "task.num_kv_pairs": kv, "task.seq_len": 1024, "seed": seed}
+            rows.append(
+                {
+                    **row,
+                    **{f"cfg.{k}": x for k, x in axes.items()},
+                    **{f"axis.{k}": x for k, x in axes.items()},
+                }
+                | {
+                    "run_id": f"{row['run_id']}-{v}-{kv}-{seed}",
+                    "metric.val_accuracy": 0.1 + v / 100 - kv / 2000,
+                }
+            )
+    table = tmp_path / "runs.parquet"
+    pl.DataFrame(rows, schema=runs.schema).write_parquet(table)
+    drawn = build(parse_args(["--runs", str(table), "--out", str(tmp_path / "b" / "index.html")]))
+    (fig,) = [f for f in drawn.figures if f.name == "capacity"]
+    assert fig.skipped is None and fig.n_points == len(rows) == 60
+    assert "One line per mixer and load (128, 256 pairs" in fig.caption and fig.png
+    per_pair = drawn.prepared.selected.with_columns(
+        (pl.col("state_elements") / pl.col("task.num_kv_pairs")).alias("per_pair")
+    )
+    palimpsa = per_pair.filter(pl.col("variant") == "palimpsa")
+    # the state doubles with V and the load halves it per pair: V 32 at 128 pairs = V 64 at 256 pairs
+    by = {(r["model.mixer.head_v_dim"], r["task.num_kv_pairs"]): r["per_pair"] for r in palimpsa.to_dicts()}
+    assert by[(32, 128)] == by[(64, 256)] == 2 * by[(16, 128)]
+
+
 def test_runs_at_chance_give_no_comparison(report):
     """The stored tiny runs never leave chance: the report screens them out and compares nothing."""
     assert not report.prepared.selected.get_column("learned").any()
