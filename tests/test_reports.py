@@ -431,6 +431,36 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     assert done.returncode == 1 and "no point has train.lr = 0.0046" in done.stderr
 
 
+def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):
+    """A further seed at each mixer's best lr can be chosen on a box without polars: the lr is read from an
+    MLflow store as from a runs table, both sources pooled (mean over seeds; a tie keeps the smaller lr)."""
+    import mlflow
+
+    sys.path.insert(0, str(EXAMPLES / "mqar-official"))
+    from make_configs import best_lrs, final_accuracies
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("mqar-official")
+    store_runs = [("palimpsa", 1e-3, 0.9), ("palimpsa", 1e-2, 0.5)]
+    store_runs += [("mamba2", 1e-3, 0.2), ("mamba2", 1e-2, 0.2)]
+    for variant, lr, acc in store_runs:
+        run = client.create_run(experiment, tags={"axis.variant": variant, "axis.train.lr": str(lr)})
+        client.log_metric(run.info.run_id, "val/accuracy", acc)
+        client.set_terminated(run.info.run_id)
+    unfinished = client.create_run(experiment, tags={"axis.variant": "palimpsa", "axis.train.lr": "0.1"})
+    client.log_metric(unfinished.info.run_id, "val/accuracy", 1.0)  # still running: not counted
+    assert sorted(final_accuracies(uri)) == sorted(store_runs)
+    assert best_lrs(final_accuracies(uri)) == {"palimpsa": 1e-3, "mamba2": 1e-3}
+    table = tmp_path / "runs.parquet"
+    pl.DataFrame(
+        {"variant": ["palimpsa"] * 2, "axis.train.lr": [1e-2, 1e-3], "metric.val_accuracy": [0.99, 0.0],
+         "status": ["FINISHED"] * 2}
+    ).write_parquet(table)  # fmt: skip
+    pooled = final_accuracies(str(table)) + final_accuracies(uri)
+    assert best_lrs(pooled) == {"palimpsa": 1e-2, "mamba2": 1e-3}  # means 0.745 against 0.45
+
+
 def test_capacity_figure_draws_state_per_pair_once_states_and_loads_vary(tmp_path):
     """Part B's figure: the committed campaign (one state per mixer) skips it with its reason; the same runs
     at three value dims, two loads and two seeds draw every run, one line per mixer and load."""

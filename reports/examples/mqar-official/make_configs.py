@@ -3,6 +3,10 @@
     # part A: the published comparison at L = 512 (ablations/mqar-official.yaml)
     python reports/examples/mqar-official/make_configs.py --where task.seq_len=512 \
         --variants palimpsa mamba2 --lrs 4.64e-3 --seeds 1 --out WORKDIR/configs
+    # a further seed of part A at each mixer's best lr so far (tables or MLflow stores, pooled)
+    python reports/examples/mqar-official/make_configs.py --where task.seq_len=512 \
+        --variants palimpsa mamba2 --best-lr-from reports/examples/mqar-official/runs.parquet \
+        sqlite:///WORKDIR/mlflow.db --seeds 2 --out WORKDIR/configs
     # part B: memory capacity (ablations/mqar-capacity.yaml), each mixer at its best lr of part A
     python reports/examples/mqar-official/make_configs.py --grid ablations/mqar-capacity.yaml \
         --variants palimpsa mamba2 --best-lr-from reports/examples/mqar-official/runs.parquet --seeds 1 \
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +38,40 @@ from palimpsa.io import dump_yaml, yaml_load  # noqa: E402
 PART_A = ROOT / "ablations/mqar-official.yaml"
 
 
-def best_lrs(runs_table: Path) -> dict[str, float]:
-    """Each variant's lr with the highest mean final val accuracy over its seeds (ties: the smaller lr)."""
-    import polars as pl
+def final_accuracies(source: str) -> list[tuple[str, float, float]]:
+    """(variant, lr, final val accuracy) of every finished run in ``source``: a runs table (``.parquet``,
+    read with polars) or an MLflow store URI (read with mlflow alone: a GPU box without polars can choose)."""
+    if source.endswith(".parquet"):
+        import polars as pl
 
-    runs = pl.read_parquet(runs_table).filter(pl.col("status") == "FINISHED")
-    means = runs.group_by("variant", "axis.train.lr").agg(pl.col("metric.val_accuracy").mean().alias("acc"))
-    best = means.sort(["variant", "acc", "axis.train.lr"], descending=[False, True, False]).unique(
-        "variant", keep="first"
-    )
-    return dict(zip(best.get_column("variant"), best.get_column("axis.train.lr"), strict=True))
+        runs = pl.read_parquet(source).filter(pl.col("status") == "FINISHED")
+        return list(runs.select("variant", "axis.train.lr", "metric.val_accuracy").iter_rows())
+    from mlflow.tracking import MlflowClient
+
+    from palimpsa.tracking import mlflow_metric
+
+    client = MlflowClient(source)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "attributes.status = 'FINISHED'", max_results=5000)
+    metric = mlflow_metric("val_accuracy")
+    return [
+        (r.data.tags["axis.variant"], float(r.data.tags["axis.train.lr"]), r.data.metrics[metric])
+        for r in runs
+        if "axis.variant" in r.data.tags and metric in r.data.metrics
+    ]
+
+
+def best_lrs(rows: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Each variant's lr with the highest mean final val accuracy over its seeds (ties: the smaller lr)."""
+    scores: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for variant, lr, acc in rows:
+        scores[variant, lr].append(acc)
+    best: dict[str, tuple[float, float]] = {}
+    for (variant, lr), accs in sorted(scores.items()):
+        mean = sum(accs) / len(accs)
+        if variant not in best or mean > best[variant][1]:
+            best[variant] = (lr, mean)
+    return {variant: lr for variant, (lr, _) in best.items()}
 
 
 def select(grid: Grid, want: dict[str, list[Any]], lr_of: dict[str, float] | None) -> list[GridPoint]:
@@ -110,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE", help="keep points with it")
     ap.add_argument("--variants", nargs="+")
     ap.add_argument("--lrs", nargs="+", type=float)
-    ap.add_argument("--best-lr-from", type=Path, metavar="RUNS", help="each variant at its best lr in RUNS")
+    ap.add_argument(
+        "--best-lr-from",
+        nargs="+",
+        metavar="RUNS",
+        help="each variant at its best lr over these runs tables (.parquet) or MLflow store URIs, together",
+    )
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--out", type=Path)
@@ -130,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lrs:
         want["train.lr"] = args.lrs
     else:
-        lr_of = best_lrs(args.best_lr_from)
+        lr_of = best_lrs([row for source in args.best_lr_from for row in final_accuracies(source)])
         print("lr per variant:", ", ".join(f"{v} {lr_of.get(v)}" for v in args.variants))
     points = select(grid, want, lr_of)
     write_configs(grid, points, args.epochs, args.out)
