@@ -228,9 +228,9 @@ def best_lr(runs: pl.DataFrame, per: str = "seed", drop_seeds: tuple[int, ...] =
     """The learning rate chosen on the final validation metric, one row per (setting, seed).
 
     ``per="seed"``: each seed keeps its own best lr (the published MQAR figure's view, which also drops
-    seeds 5 and 6: ``drop_seeds=(5, 6)``). ``per="setting"``: one lr per setting, the best mean over its
-    seeds, and every seed's value at that lr. Columns: the setting, ``seed``, ``lr``, ``value`` and
-    ``n_lr`` (how many learning rates the choice was made from).
+    seeds 5 and 6: ``drop_seeds=(5, 6)``). ``per="setting"``: one lr per setting, the best mean over the
+    seeds run at every lr (as the report chooses), and every seed's value at that lr. Columns: the
+    setting, ``seed``, ``lr``, ``value`` and ``n_lr`` (how many learning rates the choice was made from).
     """
     if per not in ("seed", "setting"):
         raise ValueError(f"per must be 'seed' or 'setting', got {per!r}")
@@ -240,11 +240,15 @@ def best_lr(runs: pl.DataFrame, per: str = "seed", drop_seeds: tuple[int, ...] =
     done = done.filter(~pl.col(SEED).is_in(list(drop_seeds)) & pl.col(score).is_not_null()).select(
         *setting, pl.col(SEED).alias("seed"), pl.col(LR).alias("lr"), pl.col(score).alias("value")
     )
-    done = done.with_columns(n_lr=pl.col("lr").n_unique().over(setting))
-    if per == "seed":  # group_by and over() keep null keys as a group of their own (joins would drop them)
+    # group_by and over() keep null keys as a group of their own (joins would drop them)
+    if per == "seed":
+        done = done.with_columns(n_lr=pl.col("lr").n_unique().over([*setting, "seed"]))
         best = done.sort("value", descending=higher).group_by([*setting, "seed"], maintain_order=True).first()
-    else:
-        mean = pl.col("value").mean().over([*setting, "lr"])
+    else:  # chosen on the seeds run at every lr: seeds added later at the chosen lr do not sway the choice
+        done = done.with_columns(n_lr=pl.col("lr").n_unique().over(setting))
+        shared = pl.col("lr").n_unique().over([*setting, "seed"]) == pl.col("n_lr")
+        done = done.with_columns(basis=shared | ~shared.any().over(setting))  # no seed ran every lr: all do
+        mean = pl.when(pl.col("basis")).then(pl.col("value")).mean().over([*setting, "lr"])
         best_mean = mean.max().over(setting) if higher else mean.min().over(setting)
         best = done.with_columns(mean=mean).filter(pl.col("mean") == best_mean)
         # ties between two lrs at the same mean: keep the smaller lr

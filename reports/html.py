@@ -250,7 +250,12 @@ def render(
         "<h2>Learning-rate selection</h2>",
         _table(
             prep.lr_choice.drop("config_key").rename(
-                {"train.lr": "chosen lr", "lr_mean": f"mean {prep.metric}", "n_seeds": "seeds"}
+                {
+                    "train.lr": "chosen lr",
+                    "lr_mean": f"mean {prep.metric}",
+                    "n_seeds": "seeds",
+                    "chosen_on": "chosen on seeds",
+                }
             )
         ),
     ]

@@ -95,8 +95,9 @@ def statistics(prep: Prepared) -> str:
         ),
         _li(
             "Learning rate",
-            "Each model's learning rate is the one with the best mean over its seeds; every seed at that "
-            "rate is kept, none dropped.",
+            "Each model's learning rate is the one with the best mean over the seeds run at every rate "
+            "tried (all its seeds on a full grid; seeds added at the chosen rate afterwards do not take part "
+            "in the choice); every seed at that rate is kept, none dropped.",
         ),
     ]
     return "<h3>Statistics</h3><ul class='methods'>" + "".join(items) + "</ul>"

@@ -69,7 +69,9 @@ class Prepared:
 
     runs: pl.DataFrame  # every finished run with a metric value, derived columns added (chance, learned)
     selected: pl.DataFrame  # the runs at the best learning rate of their model: ALL their seeds
-    lr_choice: pl.DataFrame  # one row per model config: chosen lr, its mean, seeds, lrs tried
+    lr_choice: (
+        pl.DataFrame
+    )  # one row per model config: chosen lr, its mean, seeds, seeds chosen on, lrs tried
     curves: pl.DataFrame  # run_id, step, key, value (may be empty)
     metric: str
     higher_is_better: bool
@@ -358,20 +360,36 @@ def deduplicate(runs: pl.DataFrame) -> pl.DataFrame:
 
 
 def select_best_lr(runs: pl.DataFrame, higher_is_better: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Best lr per model by the mean over its seeds; then keep ALL seeds at that lr (none dropped)."""
-    per_lr = runs.group_by(["config_key", "train.lr"]).agg(
-        pl.col("quality").mean().alias("lr_mean"), pl.col("seed").n_unique().alias("n_seeds")
+    """Best lr per model by the mean over the seeds that every tried lr has; then keep ALL seeds at that lr.
+
+    Choosing on the shared seeds keeps an lr run on one seed from beating an lr whose extra seeds were run
+    after the choice (and failed): on a full grid they are all the seeds. A model whose seeds share no lr
+    set is chosen on all its runs. ``chosen_on`` counts the seeds the choice was made on.
+    """
+    lrs_of_seed = pl.col("train.lr").n_unique().over(["config_key", "seed"])
+    shared = runs.filter(lrs_of_seed == pl.col("train.lr").n_unique().over("config_key"))
+    basis = pl.concat([shared, runs.filter(~pl.col("config_key").is_in(shared.get_column("config_key")))])
+    per_lr = basis.group_by(["config_key", "train.lr"]).agg(
+        pl.col("quality").mean().alias("choice_mean"), pl.col("seed").n_unique().alias("chosen_on")
     )
-    per_lr = per_lr.sort(["config_key", "lr_mean", "train.lr"], descending=[False, higher_is_better, False])
+    per_lr = per_lr.sort(
+        ["config_key", "choice_mean", "train.lr"], descending=[False, higher_is_better, False]
+    )
     best = per_lr.group_by("config_key", maintain_order=True).first()
     tried = runs.group_by("config_key").agg(pl.col("train.lr").unique().sort().alias("lrs_tried"))
     selected = runs.join(best.select("config_key", "train.lr"), on=["config_key", "train.lr"], how="inner")
+    at_best = selected.group_by("config_key").agg(
+        pl.col("quality").mean().alias("lr_mean"), pl.col("seed").n_unique().alias("n_seeds")
+    )
     labels = runs.select("config_key", "model", "task", "size", "size_rank").unique(subset="config_key")
     lr_choice = (
-        best.join(tried, on="config_key")
+        best.join(at_best, on="config_key")
+        .join(tried, on="config_key")
         .join(labels, on="config_key")
         .sort(["task", "size_rank", "model"])
-        .select("task", "size", "model", "config_key", "train.lr", "lr_mean", "n_seeds", "lrs_tried")
+        .select(
+            "task", "size", "model", "config_key", "train.lr", "lr_mean", "n_seeds", "chosen_on", "lrs_tried"
+        )
     )
     return selected.sort(["task", "size_rank", "model", "seed"]), lr_choice
 

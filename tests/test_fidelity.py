@@ -246,7 +246,8 @@ def test_config_command_prints_the_resolved_config() -> None:
 
 
 def test_best_lr_views() -> None:
-    """Per seed each seed keeps its own best lr; per setting one lr (best mean) and every seed at it."""
+    """Per seed each seed keeps its own best lr; per setting one lr (best mean over the seeds every lr has)
+    and every seed at it."""
     import polars as pl
 
     from palimpsa.results import best_lr
@@ -271,6 +272,18 @@ def test_best_lr_views() -> None:
     assert per_setting["lr"].unique().to_list() == [1e-2]  # mean 0.6 against 0.33
     assert per_setting["seed"].to_list() == [1, 2, 5] and per_setting["n_lr"].to_list() == [2, 2, 2]
     assert best_lr(runs, "setting").filter(pl.col("variant") == "mamba2")["n_lr"].to_list() == [1, 1, 1]
+    # seeds 7 and 8 added later at 1e-3 only (both perfect): the choice stays on the seeds every lr has
+    later = pl.concat([runs, runs.head(2).with_columns(pl.Series("cfg.seed", [7, 8]), pl.lit(1.0).alias(
+        "metric.val_accuracy"))])  # fmt: skip
+    added = best_lr(later, "setting").filter(pl.col("variant") == "palimpsa")
+    assert added["lr"].unique().to_list() == [1e-2] and added["seed"].to_list() == [1, 2, 5]
+    flipped = later.with_columns(  # 1e-3 wins on seeds 1, 2, 5 (0.67 against 0.6) and keeps its later seeds
+        pl.when(pl.col("cfg.train.lr") == 1e-3).then(1.0 - pl.col("metric.val_accuracy"))
+        .otherwise(pl.col("metric.val_accuracy")).alias("metric.val_accuracy")
+    )  # fmt: skip
+    chosen = best_lr(flipped, "setting").filter(pl.col("variant") == "palimpsa")
+    assert chosen["lr"].unique().to_list() == [1e-3] and chosen["seed"].to_list() == [1, 2, 5, 7, 8]
+    assert best_lr(later, "seed").filter(pl.col("seed") == 7)["n_lr"].to_list() == [1]  # this seed's lrs
 
 
 def test_fp32_residual_under_pure_bf16_tracks_the_fp64_model_closer() -> None:
