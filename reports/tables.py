@@ -69,9 +69,7 @@ class Prepared:
 
     runs: pl.DataFrame  # every finished run with a metric value, derived columns added (chance, learned)
     selected: pl.DataFrame  # the runs at the best learning rate of their model: ALL their seeds
-    lr_choice: (
-        pl.DataFrame
-    )  # one row per model config: chosen lr, its mean, seeds, seeds chosen on, lrs tried
+    lr_choice: pl.DataFrame  # a row per model config: chosen lr, its mean, seeds, seeds chosen on, lrs tried
     curves: pl.DataFrame  # run_id, step, key, value (may be empty)
     metric: str
     higher_is_better: bool

@@ -440,9 +440,10 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
         assert (point.axes["task.seq_len"], point.axes["seed"]) == (512, 2)
         assert cfg.train.epochs == 7 and cfg.train.lr == point.axes["train.lr"]
         assert cfg.tracking.tags["grid.point"] == point.point_id and cfg.tracking.tags["axis.variant"]
-    part_a = pl.read_parquet(example / "runs.parquet").filter(pl.col("variant") == "palimpsa")
-    means = part_a.group_by("axis.train.lr").agg(pl.col("metric.val_accuracy").mean())
-    best_lr = means.sort("metric.val_accuracy").get_column("axis.train.lr")[-1]
+    from palimpsa.results import best_lr as report_best_lr
+
+    part_a = report_best_lr(pl.read_parquet(example / "runs.parquet"), "setting")
+    best_lr = part_a.filter(pl.col("variant") == "palimpsa").get_column("lr").unique().item()
     capacity_grid = Path(__file__).parents[1] / "ablations" / "mqar-capacity.yaml"
     done = run("--grid", str(capacity_grid), "--variants", "palimpsa", "--best-lr-from",
                str(example / "runs.parquet"), "--seeds", "1", "--out", str(tmp_path / "b"))  # fmt: skip
@@ -458,32 +459,45 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
 
 def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):
     """A further seed at each mixer's best lr can be chosen on a box without polars: the lr is read from an
-    MLflow store as from a runs table, both sources pooled (mean over seeds; a tie keeps the smaller lr)."""
+    MLflow store as from a runs table, both sources pooled, and chosen by the report's rule (the mean over
+    the seeds every lr has; a tie keeps the smaller lr)."""
     import mlflow
 
     sys.path.insert(0, str(EXAMPLES / "mqar-official"))
     from make_configs import best_lrs, final_accuracies
 
+    from palimpsa.results import best_lr
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("mqar-official")
-    store_runs = [("palimpsa", 1e-3, 0.9), ("palimpsa", 1e-2, 0.5)]
-    store_runs += [("mamba2", 1e-3, 0.2), ("mamba2", 1e-2, 0.2)]
-    for variant, lr, acc in store_runs:
-        run = client.create_run(experiment, tags={"axis.variant": variant, "axis.train.lr": str(lr)})
+    store_runs = [("palimpsa", 1e-3, 1, 0.9), ("palimpsa", 1e-2, 1, 0.5)]
+    store_runs += [("mamba2", 1e-3, 1, 0.2), ("mamba2", 1e-2, 1, 0.2)]
+    for variant, lr, seed, acc in store_runs:
+        tags = {"axis.variant": variant, "axis.train.lr": str(lr), "axis.seed": str(seed)}
+        run = client.create_run(experiment, tags=tags)
         client.log_metric(run.info.run_id, "val/accuracy", acc)
         client.set_terminated(run.info.run_id)
-    unfinished = client.create_run(experiment, tags={"axis.variant": "palimpsa", "axis.train.lr": "0.1"})
+    unfinished = client.create_run(
+        experiment, tags={"axis.variant": "palimpsa", "axis.train.lr": "0.1", "axis.seed": "1"}
+    )
     client.log_metric(unfinished.info.run_id, "val/accuracy", 1.0)  # still running: not counted
     assert sorted(final_accuracies(uri)) == sorted(store_runs)
     assert best_lrs(final_accuracies(uri)) == {"palimpsa": 1e-3, "mamba2": 1e-3}
     table = tmp_path / "runs.parquet"
-    pl.DataFrame(
-        {"variant": ["palimpsa"] * 2, "axis.train.lr": [1e-2, 1e-3], "metric.val_accuracy": [0.99, 0.0],
-         "status": ["FINISHED"] * 2}
+    pl.DataFrame(  # seed 2 at both lrs; seeds 3 and 4 added later at 1e-3 (both failed)
+        {"variant": ["palimpsa"] * 4, "axis.train.lr": [1e-2, 1e-3, 1e-3, 1e-3], "axis.seed": [2, 2, 3, 4],
+         "metric.val_accuracy": [0.99, 0.0, 0.0, 0.0], "status": ["FINISHED"] * 4}
     ).write_parquet(table)  # fmt: skip
     pooled = final_accuracies(str(table)) + final_accuracies(uri)
-    assert best_lrs(pooled) == {"palimpsa": 1e-2, "mamba2": 1e-3}  # means 0.745 against 0.45
+    assert best_lrs(pooled) == {"palimpsa": 1e-2, "mamba2": 1e-3}  # on seeds 1, 2: 0.745 against 0.45
+    # the committed campaign, where a later seed failed at the lr seed 1 chose: the same choice as the report
+    committed = pl.read_parquet(EXAMPLES / "mqar-official" / "runs.parquet")
+    report_choice = best_lr(committed, "setting").unique("variant")
+    assert best_lrs(final_accuracies(str(EXAMPLES / "mqar-official" / "runs.parquet"))) == dict(
+        report_choice.select("variant", "lr").iter_rows()
+    )
+    assert dict(report_choice.select("variant", "lr").iter_rows())["notpalimpsa"] == 2.15e-3
 
 
 def test_capacity_figure_draws_state_per_pair_once_states_and_loads_vary(tmp_path):

@@ -38,14 +38,15 @@ from palimpsa.io import dump_yaml, yaml_load  # noqa: E402
 PART_A = ROOT / "ablations/mqar-official.yaml"
 
 
-def final_accuracies(source: str) -> list[tuple[str, float, float]]:
-    """(variant, lr, final val accuracy) of every finished run in ``source``: a runs table (``.parquet``,
-    read with polars) or an MLflow store URI (read with mlflow alone: a GPU box without polars can choose)."""
+def final_accuracies(source: str) -> list[tuple[str, float, int, float]]:
+    """(variant, lr, seed, final val accuracy) of every finished run in ``source``: a runs table
+    (``.parquet``, read with polars) or an MLflow store URI (read with mlflow alone: a GPU box without
+    polars can choose)."""
     if source.endswith(".parquet"):
         import polars as pl
 
         runs = pl.read_parquet(source).filter(pl.col("status") == "FINISHED")
-        return list(runs.select("variant", "axis.train.lr", "metric.val_accuracy").iter_rows())
+        return list(runs.select("variant", "axis.train.lr", "axis.seed", "metric.val_accuracy").iter_rows())
     from mlflow.tracking import MlflowClient
 
     from palimpsa.tracking import mlflow_metric
@@ -55,17 +56,26 @@ def final_accuracies(source: str) -> list[tuple[str, float, float]]:
     runs = client.search_runs(experiments, "attributes.status = 'FINISHED'", max_results=5000)
     metric = mlflow_metric("val_accuracy")
     return [
-        (r.data.tags["axis.variant"], float(r.data.tags["axis.train.lr"]), r.data.metrics[metric])
+        (tags["axis.variant"], float(tags["axis.train.lr"]), int(tags["axis.seed"]), r.data.metrics[metric])
         for r in runs
-        if "axis.variant" in r.data.tags and metric in r.data.metrics
+        if "axis.variant" in (tags := r.data.tags) and metric in r.data.metrics
     ]
 
 
-def best_lrs(rows: list[tuple[str, float, float]]) -> dict[str, float]:
-    """Each variant's lr with the highest mean final val accuracy over its seeds (ties: the smaller lr)."""
+def best_lrs(rows: list[tuple[str, float, int, float]]) -> dict[str, float]:
+    """Each variant's lr with the highest mean final val accuracy over the seeds run at every lr of that
+    variant (all its seeds when none was), ties to the smaller lr: the report's choice, without polars."""
+    lrs: dict[str, set[float]] = defaultdict(set)
+    lrs_of_seed: dict[tuple[str, int], set[float]] = defaultdict(set)
+    for variant, lr, seed, _ in rows:
+        lrs[variant].add(lr)
+        lrs_of_seed[variant, seed].add(lr)
+    shared = {key for key, tried in lrs_of_seed.items() if tried == lrs[key[0]]}
+    has_shared = {variant for variant, _ in shared}
     scores: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for variant, lr, acc in rows:
-        scores[variant, lr].append(acc)
+    for variant, lr, seed, acc in rows:
+        if (variant, seed) in shared or variant not in has_shared:
+            scores[variant, lr].append(acc)
     best: dict[str, tuple[float, float]] = {}
     for (variant, lr), accs in sorted(scores.items()):
         mean = sum(accs) / len(accs)
