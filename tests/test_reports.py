@@ -455,6 +455,16 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     assert {c.model.mixer.head_v_dim for c in capacity} == {16, 32, 64}
     done = run("--variants", "palimpsa", "--lrs", "4.6e-3", "--seeds", "1", "--out", str(tmp_path / "c"))
     assert done.returncode == 1 and "no point has train.lr = 0.0046" in done.stderr
+    # the rest of seed 2's sweep: every rate but the ones the committed campaign finished already
+    table = pl.read_parquet(example / "runs.parquet").filter(pl.col("axis.seed") == 2)
+    done = run("--where", "task.seq_len=512", "--variants", *sorted(FIVE_MIXERS), "--lrs", "1e-3", "2.15e-3",
+               "4.64e-3", "1e-2", "--seeds", "2", "--skip-done", str(example / "runs.parquet"),
+               "--out", str(tmp_path / "d"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rest = {(p.axes["variant"], p.axes["train.lr"]) for p in map(grid.point, (f.stem for f in
+            (tmp_path / "d").glob("*.yaml")))}  # fmt: skip
+    finished = set(table.select("variant", "axis.train.lr").iter_rows())
+    assert len(rest) == 20 - len(finished) and not rest & finished and len(finished) == table.height > 0
 
 
 def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):

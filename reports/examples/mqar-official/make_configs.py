@@ -7,6 +7,10 @@
     python reports/examples/mqar-official/make_configs.py --where task.seq_len=512 \
         --variants palimpsa mamba2 --best-lr-from reports/examples/mqar-official/runs.parquet \
         sqlite:///WORKDIR/mlflow.db --seeds 2 --out WORKDIR/configs
+    # every rate of seed 2 but those already run (tables or stores)
+    python reports/examples/mqar-official/make_configs.py --where task.seq_len=512 \
+        --variants palimpsa mamba2 --lrs 1e-3 2.15e-3 4.64e-3 1e-2 --seeds 2 \
+        --skip-done reports/examples/mqar-official/runs.parquet --out WORKDIR/configs
     # part B: memory capacity (ablations/mqar-capacity.yaml), each mixer at its best lr of part A
     python reports/examples/mqar-official/make_configs.py --grid ablations/mqar-capacity.yaml \
         --variants palimpsa mamba2 --best-lr-from reports/examples/mqar-official/runs.parquet --seeds 1 \
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         help="each variant at its best lr over these runs tables (.parquet) or MLflow store URIs, together",
     )
     ap.add_argument("--seeds", nargs="+", type=int)
+    ap.add_argument(
+        "--skip-done", nargs="+", metavar="RUNS", help="leave out points finished in these tables or stores"
+    )
     ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--tag-store", metavar="URI", help="tag the runs of this MLflow store and stop")
@@ -177,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         lr_of = best_lrs([row for source in args.best_lr_from for row in final_accuracies(source)])
         print("lr per variant:", ", ".join(f"{v} {lr_of.get(v)}" for v in args.variants))
     points = select(grid, want, lr_of)
+    if args.skip_done:
+        done = {(v, lr, seed) for source in args.skip_done for v, lr, seed, _ in final_accuracies(source)}
+        kept = [p for p in points if (p.axes["variant"], p.axes["train.lr"], p.axes["seed"]) not in done]
+        print(f"{len(points) - len(kept)} of {len(points)} points finished already: left out")
+        points = kept
     write_configs(grid, points, args.epochs, args.out)
     print(f"{len(points)} configs in {args.out}")
     return 0
