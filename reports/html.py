@@ -255,6 +255,7 @@ def render(
                     "lr_mean": f"mean {prep.metric}",
                     "n_seeds": "seeds",
                     "chosen_on": "chosen on seeds",
+                    "lrs_tried": "lrs tried",
                 }
             )
         ),
