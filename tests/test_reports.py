@@ -508,6 +508,13 @@ def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):
         report_choice.select("variant", "lr").iter_rows()
     )
     assert dict(report_choice.select("variant", "lr").iter_rows())["notpalimpsa"] == 2.15e-3
+    # a mistyped source is named, not created as an empty store
+    script = [sys.executable, str(EXAMPLES / "mqar-official" / "make_configs.py"), "--variants", "palimpsa"]
+    missing = f"sqlite:///{tmp_path / 'typo.db'}"
+    done = subprocess.run([*script, "--best-lr-from", missing, "--seeds", "2", "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and f"{missing}: no such runs table or MLflow store" in done.stderr
+    assert not (tmp_path / "typo.db").exists()
 
 
 def test_capacity_figure_draws_state_per_pair_once_states_and_loads_vary(tmp_path):

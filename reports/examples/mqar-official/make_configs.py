@@ -46,24 +46,31 @@ def final_accuracies(source: str) -> list[tuple[str, float, int, float]]:
     """(variant, lr, seed, final val accuracy) of every finished run in ``source``: a runs table
     (``.parquet``, read with polars) or an MLflow store URI (read with mlflow alone: a GPU box without
     polars can choose)."""
+    local = source.removeprefix("sqlite:///") if source.startswith("sqlite:///") else source
+    if "://" not in local and not Path(local).is_file():  # a missing SQLite file would be created empty
+        raise SystemExit(f"{source}: no such runs table or MLflow store")
     if source.endswith(".parquet"):
         import polars as pl
 
         runs = pl.read_parquet(source).filter(pl.col("status") == "FINISHED")
-        return list(runs.select("variant", "axis.train.lr", "axis.seed", "metric.val_accuracy").iter_rows())
-    from mlflow.tracking import MlflowClient
+        rows = list(runs.select("variant", "axis.train.lr", "axis.seed", "metric.val_accuracy").iter_rows())
+    else:
+        from mlflow.tracking import MlflowClient
 
-    from palimpsa.tracking import mlflow_metric
+        from palimpsa.tracking import mlflow_metric
 
-    client = MlflowClient(source)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, "attributes.status = 'FINISHED'", max_results=5000)
-    metric = mlflow_metric("val_accuracy")
-    return [
-        (tags["axis.variant"], float(tags["axis.train.lr"]), int(tags["axis.seed"]), r.data.metrics[metric])
-        for r in runs
-        if "axis.variant" in (tags := r.data.tags) and metric in r.data.metrics
-    ]
+        client = MlflowClient(source)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, "attributes.status = 'FINISHED'", max_results=5000)
+        metric = mlflow_metric("val_accuracy")
+        rows = [
+            (tags["axis.variant"], float(tags["axis.train.lr"]), int(tags["axis.seed"]), metrics[metric])
+            for r in runs
+            if "axis.variant" in (tags := r.data.tags) and metric in (metrics := r.data.metrics)
+        ]
+    if not rows:
+        raise SystemExit(f"{source}: no finished run of a grid point with a final val accuracy")
+    return rows
 
 
 def best_lrs(rows: list[tuple[str, float, int, float]]) -> dict[str, float]:
