@@ -501,6 +501,8 @@ def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):
     ).write_parquet(table)  # fmt: skip
     pooled = final_accuracies(str(table)) + final_accuracies(uri)
     assert best_lrs(pooled) == {"palimpsa": 1e-2, "mamba2": 1e-3}  # on seeds 1, 2: 0.745 against 0.45
+    twice = [("m", 1e-3, 1, 0.6), ("m", 1e-3, 2, 0.6), ("m", 1e-2, 1, 0.2), ("m", 1e-2, 2, 0.9)]
+    assert best_lrs(twice + twice[-1:]) == {"m": 1e-3}  # seed 2 at 1e-2 read from two sources counts once
     # the committed campaign, where a later seed failed at the lr seed 1 chose: the same choice as the report
     committed = pl.read_parquet(EXAMPLES / "mqar-official" / "runs.parquet")
     report_choice = best_lr(committed, "setting").unique("variant")

@@ -75,7 +75,9 @@ def final_accuracies(source: str) -> list[tuple[str, float, int, float]]:
 
 def best_lrs(rows: list[tuple[str, float, int, float]]) -> dict[str, float]:
     """Each variant's lr with the highest mean final val accuracy over the seeds run at every lr of that
-    variant (all its seeds when none was), ties to the smaller lr: the report's choice, without polars."""
+    variant (all its seeds when none was), ties to the smaller lr: the report's choice, without polars. A run
+    found in two sources (a table and the store it was exported from) counts once."""
+    rows = list({(variant, lr, seed): (variant, lr, seed, acc) for variant, lr, seed, acc in rows}.values())
     lrs: dict[str, set[float]] = defaultdict(set)
     lrs_of_seed: dict[tuple[str, int], set[float]] = defaultdict(set)
     for variant, lr, seed, _ in rows:
