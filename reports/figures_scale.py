@@ -22,6 +22,7 @@ from reports.plotting import (
     bounded_ylim,
     chance_band,
     chance_caption,
+    data_ticks,
     finish,
     legend_below,
     means_with_seeds,
@@ -235,6 +236,7 @@ def capacity(prep: Prepared, tuning: Studies = None) -> FigureResult:
         ax, sel, "x", "quality", "line", colors, prep.bounds, hollow=not_learned_points(sel, "x", "line")
     )
     ax.set_xscale("log", base=2)
+    data_ticks(ax, sel.get_column("x").unique().to_list())  # the states per pair that were run
     ax.set(xlabel="recurrent state per stored key-value pair (floats, all layers)", ylabel=prep.metric)
     bounded_ylim(ax, prep.bounds)
     legend_below(fig, axes)
