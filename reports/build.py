@@ -6,7 +6,8 @@ Sources, one of:
   --tracking-uri URI [--experiments a,b]            the MLflow store itself (via palimpsa.results)
   (neither)                                         results/tables/{runs,curves}.parquet
 Optional: --tuning trials.parquet | --tuning STORAGE_URL --study NAME (Optuna history and importances);
---pipeline-check when the runs only check the pipeline (the header then says so whatever the data).
+--pipeline-check when the runs only check the pipeline (the header then says so whatever the data);
+--caveat TEXT (repeatable) for what the runs cannot say themselves (a cut budget, a shared GPU).
 A URI with a password is refused on the command line (the process list shows it): PostgreSQL reads the
 password from ~/.pgpass, a tracking server's login comes from MLFLOW_TRACKING_USERNAME / _PASSWORD.
 
@@ -70,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the runs only check the pipeline (e.g. the CPU smoke grid): the header says so even when some "
         "runs happen to leave chance",
+    )
+    p.add_argument(
+        "--caveat",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="what a reader must know that the runs cannot say (a budget below the published one, runs that "
+        "shared a GPU); repeatable, listed at the top of the report",
     )
     args = p.parse_args(argv)
     if args.results is not None:
@@ -143,7 +152,8 @@ def build(args: argparse.Namespace) -> BuildResult:
         res.save(fig_dir)
     (out.parent / "findings.json").write_text(json.dumps([f.to_dict() for f in findings], indent=1))
     prep.selected.write_parquet(out.parent / "selected.parquet")
-    out.write_text(html.render(args.title, prep, results, findings, source, tuning, notes, check))
+    page = html.render(args.title, prep, results, findings, source, tuning, notes, check, args.caveat)
+    out.write_text(page)
     return BuildResult(out=out, figures=results, findings=findings, prepared=prep, notes=notes, check=check)
 
 

@@ -39,6 +39,7 @@ pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; border-radius: 6px;
 details { margin: 0.8em 0; } summary { cursor: pointer; color: #0969da; }
 .check { background: #fff4e5; border: 1px solid #e3a44a; border-left: 6px solid #d9822b; padding: 0.7em 1em;
          border-radius: 6px; margin: 1em 0; }
+.caveats { background: #f6f8fa; border-left: 6px solid #57606a; padding: 0.5em 1em; margin: 1em 0; }
 .note { color: #57606a; font-style: italic; }
 ul.methods li { margin: 0.4em 0; }
 """
@@ -201,6 +202,14 @@ def _pipeline_check(reasons: list[str]) -> str:
     )
 
 
+def _caveats(caveats: list[str]) -> str:
+    if not caveats:
+        return ""
+    items = "".join(f"<li>{_e(c)}</li>" for c in caveats)
+    head = "<b>Caveats</b> (given with the build, not computed from the runs):"
+    return f"<div class='caveats'>{head}<ul>{items}</ul></div>"
+
+
 def render(
     title: str,
     prep: Prepared,
@@ -210,6 +219,7 @@ def render(
     tuning: list[TuningData] | None = None,
     notes: dict[str, str] | None = None,
     check: list[str] | None = None,
+    caveats: list[str] | None = None,
 ) -> str:
     shown = [r for r in figures if r.has_data]
     skipped = [r for r in figures if not r.has_data and not r.silent]
@@ -225,6 +235,7 @@ def render(
     body = [
         f"<h1>{_e(title)}</h1>",
         _pipeline_check(check or []),
+        _caveats(caveats or []),
         f"<p class='meta'>Generated {now} from {_e(source)}. {stats}</p>",
         f"<p class='meta'>Quality metric: <code>{_e(prep.metric)}</code> "
         f"({'higher' if prep.higher_is_better else 'lower'} is better). Each model's learning rate is the "

@@ -445,6 +445,31 @@ def test_committed_capacity_campaign_matches_its_tables():
     assert all(f["text"] in readme_quotes("mqar-official") for f in findings)
 
 
+def test_campaign_rebuilds_both_reports_from_its_batch_tables_alone(tmp_path):
+    """rebuild.sh, run on a copy of the campaign folder holding only its scripts and batch tables, writes
+    both reports with the committed findings and the caveats the README promises."""
+    import os
+    import shutil
+
+    example = EXAMPLES / "mqar-official"
+    copy = tmp_path / "mqar-official"
+    shutil.copytree(example, copy, ignore=shutil.ignore_patterns("*.html", "*.json", "*.png", "*.rst"))
+    for part in (copy, copy / "capacity"):
+        (part / "runs.parquet").unlink()
+        (part / "curves.parquet").unlink()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(copy / "rebuild.sh")], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for part in ("", "capacity"):
+        rebuilt = json.loads((copy / part / "findings.json").read_text())
+        committed = json.loads((example / part / "findings.json").read_text())
+        assert [f["text"] for f in rebuilt] == [f["text"] for f in committed]
+        html = (copy / part / "index.html").read_text()
+        assert "Budget: 7 of the published 60 epochs" in html and "shared one H200" in html
+        assert not (copy / part / "selected.parquet").exists()
+
+
 def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     """make_configs.py writes each chosen grid point's config with train.epochs 7 and the workflow's point
     tags; part B takes each mixer's best lr from part A's committed table; a value no point has is named."""
@@ -760,6 +785,18 @@ def test_pipeline_check_flag_marks_the_header(tmp_path):
     result = build(parse_args(["--runs", str(SYNTH / "runs.parquet"), "--out", str(out), "--pipeline-check"]))
     assert result.check == ["the workflow marks these runs as a pipeline check (--pipeline-check)"]
     assert "checks the pipeline, not the science" in out.read_text()
+
+
+def test_caveats_head_the_report_escaped_and_only_when_given(tmp_path):
+    """--caveat puts what the runs cannot say (a cut budget, a shared GPU) at the top, above the findings."""
+    runs = ["--runs", str(SYNTH / "runs.parquet")]
+    caveats = ["7 of 60 epochs", "runs shared one GPU <5 and 15 at once>"]
+    given = ["--caveat", caveats[0], "--caveat", caveats[1]]
+    html = build(parse_args([*runs, "--out", str(tmp_path / "a.html"), *given])).out.read_text()
+    head = html.split("<h2>Findings</h2>", 1)[0]
+    assert "<li>7 of 60 epochs</li>" in head and "&lt;5 and 15 at once&gt;" in head
+    plain = build(parse_args([*runs, "--out", str(tmp_path / "b.html")])).out.read_text()
+    assert "class='caveats'" not in plain
 
 
 # --------------------------------------------------------------------------- missing data and errors
