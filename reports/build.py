@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "shared a GPU); repeatable, listed at the top of the report",
     )
     args = p.parse_args(argv)
+    if any(not c.strip() for c in args.caveat):
+        p.error("--caveat needs text: a blank caveat says nothing")
     if args.results is not None:
         if args.runs is not None or args.tracking_uri is not None:
             p.error("--results replaces --runs/--curves and --tracking-uri")

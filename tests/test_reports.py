@@ -797,6 +797,8 @@ def test_caveats_head_the_report_escaped_and_only_when_given(tmp_path):
     assert "<li>7 of 60 epochs</li>" in head and "&lt;5 and 15 at once&gt;" in head
     plain = build(parse_args([*runs, "--out", str(tmp_path / "b.html")])).out.read_text()
     assert "class='caveats'" not in plain
+    with pytest.raises(SystemExit):
+        parse_args([*runs, "--caveat", "  "])
 
 
 # --------------------------------------------------------------------------- missing data and errors
