@@ -519,6 +519,57 @@ def test_campaign_configs_are_grid_points_at_the_stated_budget(tmp_path):
     assert len(rest) == 20 - len(finished) and not rest & finished and len(finished) == table.height > 0
 
 
+def test_campaign_queue_runs_in_order_at_most_jobs_at_once_and_stops_when_told(tmp_path):
+    """run.sh with JOBS=1 trains its configs one after another in the order given, so a sitting cut short
+    loses only the run in flight; collect.sh waits for the queued runs too and copies a store holding them
+    all; after `touch WORKDIR/stop` no queued run starts. Real runs of the tiny config, real MLflow store."""
+    import os
+    import time
+
+    import yaml
+    from mlflow import MlflowClient
+    from tiny import tiny_config
+
+    example, root = EXAMPLES / "mqar-official", Path(__file__).parents[1]
+    configs = []
+    for name in ("c", "a", "b"):  # given out of alphabetical order
+        path = tmp_path / "configs" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        config = tiny_config(name, tracking={"enabled": True, "experiment": "queue", "run_name": name})
+        path.write_text(yaml.safe_dump(config))
+        configs.append(path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JOBS": "1"}
+    env["PYTHONPATH"] = str(root)
+    sh = lambda script, *args: subprocess.run(  # noqa: E731
+        ["bash", str(example / script), *map(str, args)], capture_output=True, text=True, env=env, cwd=root
+    )
+    work = tmp_path / "work"
+    started = sh("run.sh", work, *configs)
+    assert started.returncode == 0, started.stderr
+    assert "queued 3 runs" in started.stdout and "at most 1 at once" in started.stdout
+    collected = sh("collect.sh", work, tmp_path / "out", 240)
+    assert collected.returncode == 0, collected.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("queue").experiment_id], order_by=["start_time"])
+    assert [r.info.run_name for r in runs] == ["c", "a", "b"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(b.info.start_time >= a.info.end_time for a, b in zip(runs, runs[1:], strict=False))
+    assert (tmp_path / "out" / "runs.tar.gz").exists() and (work / "queue").read_text() == ""
+
+    stopped = tmp_path / "stopped"
+    assert sh("run.sh", stopped, configs[0], tmp_path / "configs").returncode == 0  # a config, then a folder
+    (stopped / "stop").touch()
+    assert sh("collect.sh", stopped, tmp_path / "out2", 240).returncode == 0
+    time.sleep(6)  # longer than the dispatcher's poll: it has seen the stop
+    left = (stopped / "queue").read_text().split()
+    assert left[-3:] == [str(tmp_path / "configs" / f"{name}.yaml") for name in "abc"] and len(left) >= 3
+    finished = list((stopped / "runs").glob("*/metrics.json"))
+    assert len(finished) == 4 - len(left) <= 1  # the run in flight when told, if it had started, finished
+    missing = sh("run.sh", tmp_path / "w3", tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "no such config or folder" in missing.stderr
+    assert "nope.yaml" in missing.stderr
+
+
 def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):
     """A further seed at each mixer's best lr can be chosen on a box without polars: the lr is read from an
     MLflow store as from a runs table, both sources pooled, and chosen by the report's rule (the mean over
