@@ -188,6 +188,32 @@ def metaplasticity(b: Builder) -> tuple[list[Finding], list[Gap], str | None]:
     return findings, gaps, baseline
 
 
+def metamamba2(b: Builder) -> list[Finding]:
+    """MetaMamba2 against Mamba2 at every size: a verdict where both learned in every seed, else which
+    side did not (a count, not an estimate)."""
+    prep = b.prep
+    meta, plain = analysis.main_label(prep, "metamamba2"), analysis.main_label(prep, "mamba2")
+    if meta is None or plain is None:
+        return []
+    rows = _rows_against(b, meta, plain)
+    findings, _ = _pair_findings(b, rows, "metaplasticity")
+    n_tasks = len({r[0] for r in rows})
+    levels = {task: b.chance(task) for task in tasks_of(b)}
+    for task, size, a_row, b_row in rows:
+        if comparable(a_row) == comparable(b_row) or levels[task] is None:
+            continue  # compared above, or neither side learned in every seed (the screen says so)
+        failed, learned = (b_row, a_row) if comparable(a_row) else (a_row, b_row)
+        tag = f"{failed['model']}@{size}@{task}"
+        k = b.count_learned(failed["config_key"], levels[task][1], tag)
+        n = b.count(failed["config_key"], tag)
+        text = (
+            f"{where(task, size, n_tasks)}, {meta} against {plain}: not compared; {failed['model']} learned "
+            f"in {k.text} of {n.text} seeds, {learned['model']} in every seed."
+        )
+        findings.append(Finding("metaplasticity", text, [*levels[task], k, n]))
+    return findings
+
+
 def gates(b: Builder) -> list[Finding]:
     pairs = analysis.paired_delta(b.prep, "model.mixer.gates", "paper", "official")
     if pairs.height == 0:

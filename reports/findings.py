@@ -60,6 +60,8 @@ def collect(prep: Prepared) -> tuple[list[Finding], dict[str, str]]:
         + comparisons.ranking(b)
         + versus
         + meta
+        + matching.equal_state_twins(b)
+        + comparisons.metamamba2(b)
         + scaling.trend(b, series, n_tasks)
         + scaling.why(b, series, n_tasks)
         + matching.findings(b, cells)

@@ -184,6 +184,44 @@ def matches(b: Builder) -> list[Match]:
     return out
 
 
+def twins(b: Builder) -> list[tuple[str, str]]:
+    """Each metaplastic model with its twin without metaplasticity: Palimpsa with Palimpsa (meta off),
+    MetaMamba2 with Mamba2 (the same recurrence with the importance state dropped)."""
+    prep, out = b.prep, []
+    for on, off in (
+        (analysis.main_label(prep, "palimpsa", True), analysis.main_label(prep, "palimpsa", False)),
+        (analysis.main_label(prep, "metamamba2"), analysis.main_label(prep, "mamba2")),
+    ):
+        if on and off:
+            out.append((on, off))
+    return out
+
+
+def equal_state_twins(b: Builder) -> list[Finding]:
+    """The paper's capacity claim as asked: a metaplastic model against its twin at equal recurrent state.
+
+    At equal width the metaplastic side carries twice the state (its importance state), so each of its
+    sizes is matched with the twin's size nearest in state elements (within :data:`TOLERANCE`).
+    """
+    out = []
+    tasks = b.means.get_column("task").unique().sort().to_list() if b.means.height else []
+    for on, off in twins(b):
+        for task in tasks:
+            groups = b.means.filter(pl.col("task") == task)
+            partners = groups.filter(pl.col("model") == off)
+            for size in size_order(b.prep):
+                rows = groups.filter((pl.col("model") == on) & (pl.col("size") == size))
+                if rows.height == 0 or partners.height == 0:
+                    continue
+                a = rows.row(0, named=True)
+                m = Match(task, size, a["size_rank"], off, "state")
+                _by_size_match(b, m, a, partners, "state")
+                if m.comparison is not None:
+                    text = f"{where(task, size, len(tasks))}, against {off}. {m.text}"
+                    out.append(Finding("metaplasticity", text, [*m.numbers, *m.comparison.numbers]))
+    return out
+
+
 def findings(b: Builder, cells: list[Match]) -> list[Finding]:
     n_tasks = len({m.task for m in cells})
     return [

@@ -416,10 +416,13 @@ def test_committed_mqar_campaign_matches_its_tables():
     points = raw.filter(pl.col("axis.seed") <= 2).select("variant", "axis.train.lr", "axis.seed")
     assert points.n_unique() == points.height == 40
     verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
-    assert verdicts and all("cannot tell" in text for text in verdicts)
+    assert verdicts and all("cannot tell" in text or "not compared" in text for text in verdicts)
     learned = next(f["text"] for f in findings if f["section"] == "learned")
     assert "Learned in some seeds only (not compared): Mamba2 at d128 (1 of 3 seeds)." in learned
-    assert any(f["section"] == "metaplasticity" for f in findings)  # Palimpsa against meta off
+    meta = [f["text"] for f in findings if f["section"] == "metaplasticity"]
+    assert any("against Palimpsa (meta off)" in t for t in meta)
+    counted = "At d128, MetaMamba2 against Mamba2: not compared; Mamba2 learned in 1 of 3 seeds, MetaMamba2"
+    assert f"{counted} in every seed." in meta
     assert all(f["text"] in readme_quotes("mqar-official") for f in findings)
 
 
@@ -441,8 +444,57 @@ def test_committed_capacity_campaign_matches_its_tables():
     html = (EXAMPLES / "mqar-official" / "capacity" / "index.html").read_text()
     assert "<img alt='Memory capacity: quality against state per stored pair'" in html  # drawn, not skipped
     verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
-    assert verdicts and all("cannot tell" in text for text in verdicts)
+    assert verdicts and all("cannot tell" in text or "not compared" in text for text in verdicts)
     assert all(f["text"] in readme_quotes("mqar-official") for f in findings)
+    # the capacity claim as the paper states it: metaplasticity on against off at equal state, which is
+    # meta off at twice the value dim (the importance state doubles Palimpsa's)
+    equal_state = [f for f in findings if f["section"] == "metaplasticity" and "Equal state" in f["text"]]
+    assert equal_state
+    for f in equal_state:
+        on, off = (n["value"] for n in f["numbers"][:2])
+        assert on == off > 0
+        v_on, v_off = map(
+            int, re.search(r"Palimpsa at V(\d+) .*Palimpsa \(meta off\) at V(\d+)", f["text"]).groups()
+        )
+        assert v_off == 2 * v_on
+    # MetaMamba2 against Mamba2 at each value dim: where Mamba2 never learned, a count instead of a verdict
+    mamba2 = raw.filter(pl.col("variant") == "mamba2").group_by("axis.model.mixer.head_v_dim")
+    for (v,), runs in mamba2:
+        if runs.get_column("metric.val_accuracy").max() < 0.1:
+            sentence = (
+                f"At V{v}, MetaMamba2 against Mamba2: not compared; Mamba2 learned in 0 of {runs.height}"
+            )
+            assert any(f["text"].startswith(sentence) for f in findings), v
+
+
+def test_metaplasticity_at_equal_state_gets_a_verdict_once_both_sides_have_seeds(tmp_path):
+    """The capacity runs with a second meta-off seed at V32 added (a copy of seed 1's run, 0.01 higher):
+    Palimpsa at V16 is matched with meta off at V32 (the same state floats) and, both sides now having two
+    seeds, gets a verdict with its interval, every number of it recomputable from the changed tables."""
+    capacity = EXAMPLES / "mqar-official" / "capacity"
+    raw = pl.read_parquet(capacity / "runs.parquet")
+    curves = pl.read_parquet(capacity / "curves.parquet")
+    off32 = (pl.col("variant") == "notpalimpsa") & (pl.col("axis.model.mixer.head_v_dim") == 32)
+    seed1 = raw.filter(off32)
+    assert seed1.height == 1
+    seed2 = seed1.with_columns(
+        pl.lit("added-seed-2").alias("run_id"), pl.lit(2).alias("axis.seed"), pl.lit(2).alias("cfg.seed"),
+        pl.col("metric.val_accuracy") + 0.01,
+    )  # fmt: skip
+    raw = pl.concat([raw, seed2], how="diagonal_relaxed")
+    copied = curves.filter(pl.col("run_id") == seed1.get_column("run_id").item())
+    curves = pl.concat([curves, copied.with_columns(pl.lit("added-seed-2").alias("run_id"))])
+    raw.write_parquet(tmp_path / "runs.parquet")
+    curves.write_parquet(tmp_path / "curves.parquet")
+    out = tmp_path / "index.html"
+    result = build(parse_args(["--runs", str(tmp_path / "runs.parquet"), "--curves",
+                               str(tmp_path / "curves.parquet"), "--out", str(out)]))  # fmt: skip
+    head = "At V16, against Palimpsa (meta off). Equal state: Palimpsa at V16 (8192 state floats) against "
+    equal = [t for t in texts(result, "metaplasticity") if t.startswith(head)]
+    assert len(equal) == 1 and "Palimpsa (meta off) at V32 (8192, ratio 1.00)" in equal[0]
+    assert "Palimpsa worse: difference" in equal[0] and "95% interval" in equal[0]
+    pivoted = curves.pivot(on="key", index=["run_id", "step"], values="value")
+    check_findings(json.loads((tmp_path / "findings.json").read_text()), raw, pivoted, out.read_text())
 
 
 def test_campaign_rebuilds_both_reports_from_its_batch_tables_alone(tmp_path):
