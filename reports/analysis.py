@@ -76,12 +76,13 @@ def model_means(prep: Prepared, column: str = "quality") -> pl.DataFrame:
 
 def main_label(prep: Prepared, kind: str, metaplastic: bool | None = None) -> str | None:
     """The label of ``kind`` with every ablation setting at its default (fewest descriptors, most runs);
-    with ``metaplastic``, among the configs with metaplasticity on (True) or off (False) only."""
+    with ``metaplastic``, among the configs with metaplasticity on (True; unset counts as on) or off
+    (False) only, and None when the runs do not record it."""
     rows = prep.selected.filter(pl.col("model.mixer.kind") == kind)
     if metaplastic is not None:
         if "model.mixer.metaplastic" not in rows.columns:
             return None
-        rows = rows.filter(pl.col("model.mixer.metaplastic") == metaplastic)
+        rows = rows.filter(pl.col("model.mixer.metaplastic").fill_null(True) == metaplastic)
     if rows.height == 0:
         return None
     counts = rows.group_by("model").agg(pl.len().alias("n")).to_dicts()

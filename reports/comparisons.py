@@ -188,9 +188,28 @@ def metaplasticity(b: Builder) -> tuple[list[Finding], list[Gap], str | None]:
     return findings, gaps, baseline
 
 
-def metamamba2(b: Builder) -> list[Finding]:
+def one_side_unlearned(
+    b: Builder, task: str, a_row: dict, b_row: dict, head: str, section: str = "metaplasticity"
+) -> Finding | None:
+    """``HEAD: not compared; X learned in k of n seeds, Y in every seed`` when exactly one side of a pair
+    learned in every seed: a count, not an estimate. None when both or neither did, or chance is unknown."""
+    levels = b.chance(task)
+    if comparable(a_row) == comparable(b_row) or levels is None:
+        return None
+    failed, learned = (b_row, a_row) if comparable(a_row) else (a_row, b_row)
+    tag = f"{failed['model']}@{failed['size']}@{task}"
+    k = b.count_learned(failed["config_key"], levels[1], tag)
+    n = b.count(failed["config_key"], tag)
+    text = (
+        f"{head}: not compared; {failed['model']} learned in {k.text} of {n.text} seeds, "
+        f"{learned['model']} in every seed."
+    )
+    return Finding(section, text, [*levels, k, n])
+
+
+def metamamba2_vs_mamba2(b: Builder) -> list[Finding]:
     """MetaMamba2 against Mamba2 at every size: a verdict where both learned in every seed, else which
-    side did not (a count, not an estimate)."""
+    side did not. Neither learning is left to the screen."""
     prep = b.prep
     meta, plain = analysis.main_label(prep, "metamamba2"), analysis.main_label(prep, "mamba2")
     if meta is None or plain is None:
@@ -198,19 +217,10 @@ def metamamba2(b: Builder) -> list[Finding]:
     rows = _rows_against(b, meta, plain)
     findings, _ = _pair_findings(b, rows, "metaplasticity")
     n_tasks = len({r[0] for r in rows})
-    levels = {task: b.chance(task) for task in tasks_of(b)}
     for task, size, a_row, b_row in rows:
-        if comparable(a_row) == comparable(b_row) or levels[task] is None:
-            continue  # compared above, or neither side learned in every seed (the screen says so)
-        failed, learned = (b_row, a_row) if comparable(a_row) else (a_row, b_row)
-        tag = f"{failed['model']}@{size}@{task}"
-        k = b.count_learned(failed["config_key"], levels[task][1], tag)
-        n = b.count(failed["config_key"], tag)
-        text = (
-            f"{where(task, size, n_tasks)}, {meta} against {plain}: not compared; {failed['model']} learned "
-            f"in {k.text} of {n.text} seeds, {learned['model']} in every seed."
-        )
-        findings.append(Finding("metaplasticity", text, [*levels[task], k, n]))
+        head = f"{where(task, size, n_tasks)}, {meta} against {plain}"
+        if (count := one_side_unlearned(b, task, a_row, b_row, head)) is not None:
+            findings.append(count)
     return findings
 
 

@@ -27,7 +27,8 @@ SECTIONS = {
     "prior": "The prior continuum",
     "throughput": "Measured throughput",
 }
-# Sections that compare model quality: empty unless the runs they compare learned.
+# Sections that compare model quality: empty unless a run they compare learned (a verdict needs both sides
+# learned in every seed; where one side did and the other did not, a count says so instead).
 QUALITY_SECTIONS = (
     "ranking",
     "versus",
@@ -61,7 +62,7 @@ def collect(prep: Prepared) -> tuple[list[Finding], dict[str, str]]:
         + versus
         + meta
         + matching.equal_state_twins(b)
-        + comparisons.metamamba2(b)
+        + comparisons.metamamba2_vs_mamba2(b)
         + scaling.trend(b, series, n_tasks)
         + scaling.why(b, series, n_tasks)
         + matching.findings(b, cells)

@@ -15,8 +15,17 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from reports import analysis
-from reports.comparisons import reference_kind
-from reports.numbers import Builder, Comparison, Finding, Number, comparable, comparison_clause, where
+from reports.comparisons import one_side_unlearned, reference_kind
+from reports.numbers import (
+    Builder,
+    Comparison,
+    Finding,
+    Number,
+    comparable,
+    comparison_clause,
+    model_row,
+    where,
+)
 from reports.tables import size_order
 
 TOLERANCE = 1.25  # a partner's parameters or state must lie within this factor of Palimpsa's
@@ -216,9 +225,14 @@ def equal_state_twins(b: Builder) -> list[Finding]:
                 a = rows.row(0, named=True)
                 m = Match(task, size, a["size_rank"], off, "state")
                 _by_size_match(b, m, a, partners, "state")
+                head = f"{where(task, size, len(tasks))}, against {off}. "
                 if m.comparison is not None:
-                    text = f"{where(task, size, len(tasks))}, against {off}. {m.text}"
-                    out.append(Finding("metaplasticity", text, [*m.numbers, *m.comparison.numbers]))
+                    out.append(Finding("metaplasticity", head + m.text, [*m.numbers, *m.comparison.numbers]))
+                elif m.note == "not learned in every seed":
+                    partner = model_row(b, task, m.partner_size, off)
+                    pair = f"Equal state: {on} at {size} against {off} at {m.partner_size}"
+                    count = one_side_unlearned(b, task, a, partner, head + pair)
+                    out += [count] if count else []
     return out
 
 
