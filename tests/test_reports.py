@@ -664,6 +664,9 @@ def test_campaign_queue_runs_in_order_at_most_jobs_at_once_and_stops_when_told(t
     assert "nope.yaml" in missing.stderr
     env["JOBS"] = "0"
     assert "JOBS must be a positive integer" in sh("run.sh", tmp_path / "w4", configs[0]).stderr
+    nothing = sh("collect.sh", tmp_path / "w5", tmp_path / "out5", 10)
+    assert nothing.returncode == 2 and "no MLflow store in" in nothing.stderr
+    assert not (tmp_path / "out5").exists()
 
 
 def test_best_lr_pools_runs_tables_and_mlflow_stores(tmp_path):

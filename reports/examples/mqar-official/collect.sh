@@ -6,6 +6,8 @@ set -uo pipefail
 shopt -s nullglob
 [ $# -ge 2 ] || { echo "usage: collect.sh WORKDIR OUTDIR [SECONDS]" >&2; exit 2; }
 work="$(realpath -m "$1")" out="$2" wait_s="${3:-0}"
+[ -f "$work/mlflow.db" ] || { echo "collect.sh: no MLflow store in $work: start the runs with run.sh" >&2; exit 2; }
+[[ "$wait_s" =~ ^[0-9]+$ ]] || { echo "collect.sh: SECONDS must be a whole number, not '$wait_s'" >&2; exit 2; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 busy() {  # the dispatcher still has runs to start, or a run is still going
   local pid
