@@ -129,7 +129,7 @@ def reference_kind(b: Builder) -> str | None:
 def _pair_findings(
     b: Builder, rows: list[tuple[str, str, dict, dict]], section: str, what: str = ""
 ) -> tuple[list[Finding], list[Gap]]:
-    n_tasks = len({r[0] for r in rows})
+    n_tasks = len(tasks_of(b))  # as every section counts them, so one place reads the same in all
     findings, gaps = [], []
     for task, size, a_row, b_row in rows:
         if not (comparable(a_row) and comparable(b_row)):

@@ -361,7 +361,7 @@ EXAMPLES = Path(__file__).parents[1] / "reports" / "examples"
 FIVE_MIXERS = {"palimpsa", "notpalimpsa", "metamamba2", "mamba2", "gated_deltanet"}
 # MetaMamba2 against Mamba2 where Mamba2 did not learn in every seed: a count, not a verdict
 MAMBA2_COUNTED = re.compile(
-    r"At \S+, (against Mamba2\. Equal state: )?MetaMamba2 (at \S+ )?against Mamba2.*: not compared;"
+    r"At [^,]+, (against Mamba2\. Equal state: )?MetaMamba2 (at \S+ )?against Mamba2.*: not compared;"
 )
 
 
@@ -432,8 +432,10 @@ def test_committed_mqar_campaign_matches_its_tables():
 
 def test_committed_capacity_campaign_matches_its_tables():
     """reports/examples/mqar-official/capacity (part B): grid points of the capacity grid at the stated
-    budget, each mixer at the lr part A's committed table chooses, the capacity figure drawn, one seed so
-    far so every comparison is "cannot tell", the findings quoted verbatim by the campaign's README."""
+    budget, each mixer at the lr part A's committed table chooses, the capacity figure drawn, the findings
+    quoted verbatim by the campaign's README. Two seeds on both sides of the equal-state Palimpsa/meta-off
+    twins give those two a verdict (Palimpsa worse); every other comparison has a single seed on a side, or
+    a side that never learned, so it is "cannot tell" or a count."""
     from palimpsa.results import best_lr
 
     raw, findings = checked_example("mqar-official/capacity")
@@ -448,7 +450,12 @@ def test_committed_capacity_campaign_matches_its_tables():
     html = (EXAMPLES / "mqar-official" / "capacity" / "index.html").read_text()
     assert "<img alt='Memory capacity: quality against state per stored pair'" in html  # drawn, not skipped
     verdicts = [f["text"] for f in findings if f["section"] not in ("learned", "recall")]
-    assert verdicts and all("cannot tell" in text or MAMBA2_COUNTED.match(text) for text in verdicts)
+    # two loads: every sentence names its load, also where only one load has both sides of a pair
+    assert all(" on num_kv_pairs=" in f["text"] for f in findings)
+    twins = [t for t in verdicts if "Equal state" in t and "against Palimpsa (meta off)." in t]
+    assert len(twins) == 2 and all("(2 and 2 seeds): Palimpsa worse: difference -" in t for t in twins)
+    others = [t for t in verdicts if t not in twins]
+    assert others and all("cannot tell" in text or MAMBA2_COUNTED.match(text) for text in others)
     assert all(f["text"] in readme_quotes("mqar-official") for f in findings)
     # the capacity claim as the paper states it: metaplasticity on against off at equal state, which is
     # meta off at twice the value dim (the importance state doubles Palimpsa's)
@@ -462,13 +469,23 @@ def test_committed_capacity_campaign_matches_its_tables():
             int, re.search(r"Palimpsa at V(\d+) .*Palimpsa \(meta off\) at V(\d+)", f["text"]).groups()
         )
         assert v_off == 2 * v_on
-    # MetaMamba2 against Mamba2 at each value dim: where Mamba2 never learned, a count instead of a verdict
-    mamba2 = raw.filter(pl.col("variant") == "mamba2").group_by("axis.model.mixer.head_v_dim")
-    never = [(v, runs) for (v,), runs in mamba2 if runs.get_column("metric.val_accuracy").max() < 0.1]
-    assert never  # as committed: Mamba2 at chance at every value dim
-    for v, runs in never:
-        sentence = f"At V{v}, MetaMamba2 against Mamba2: not compared; Mamba2 learned in 0 of {runs.height}"
-        assert any(f["text"].startswith(sentence) for f in findings), v
+    # MetaMamba2 against Mamba2 at each value dim and load: where Mamba2 never learned and MetaMamba2 did in
+    # every seed, a count instead of a verdict; where neither learned (256 pairs), no sentence at all
+    size = ["axis.model.mixer.head_v_dim", "axis.task.num_kv_pairs"]
+    acc = pl.col("metric.val_accuracy")
+    best = raw.group_by(["variant", *size]).agg(acc.min().alias("lo"), acc.max().alias("hi"), pl.len())
+    mamba2 = best.filter(pl.col("variant") == "mamba2")
+    meta = best.filter(pl.col("variant") == "metamamba2").select(*size, pl.col("lo").alias("meta_lo"))
+    both = mamba2.join(meta, on=size)
+    assert set(both.get_column("axis.task.num_kv_pairs")) == {128, 256}
+    never = both.filter((pl.col("hi") < 0.1) & (pl.col("meta_lo") > 0.1))
+    assert never.height == 3  # as committed: Mamba2 at chance at every value dim of 128 pairs
+    for v, pairs, n in never.select(*size, "len").iter_rows():
+        sentence = f"At V{v} on num_kv_pairs={pairs}, MetaMamba2 against Mamba2: not compared; Mamba2"
+        assert any(f["text"].startswith(f"{sentence} learned in 0 of {n}") for f in findings), v
+    neither = both.filter((pl.col("hi") < 0.1) & (pl.col("meta_lo") < 0.1))
+    for v, pairs in neither.select(*size).iter_rows():
+        assert not any(f["text"].startswith(f"At V{v} on num_kv_pairs={pairs}, MetaMamba2") for f in findings)
 
 
 def capacity_rebuilt(tmp_path: Path, raw: pl.DataFrame, curves: pl.DataFrame):
@@ -484,28 +501,28 @@ def capacity_rebuilt(tmp_path: Path, raw: pl.DataFrame, curves: pl.DataFrame):
     return result
 
 
-def test_metaplasticity_at_equal_state_gets_a_verdict_once_both_sides_have_seeds(tmp_path):
-    """The capacity runs with a second meta-off seed at V32 added (a copy of seed 1's run, 0.01 higher):
-    Palimpsa at V16 is matched with meta off at V32 (the same state floats) and, both sides now having two
-    seeds, gets a verdict with its interval, every number of it recomputable from the changed tables."""
+def test_metaplasticity_at_equal_state_has_no_verdict_on_one_seed(tmp_path):
+    """As committed, Palimpsa at V16 and meta off at V32 (the same state floats) have two seeds each and get a
+    verdict with its interval; with meta off's second seed dropped from a copy of the tables, the same
+    comparison has no interval and says "cannot tell", every number recomputable from the changed tables."""
     capacity = EXAMPLES / "mqar-official" / "capacity"
+    head = (
+        "At V16 on num_kv_pairs=128, against Palimpsa (meta off). Equal state: Palimpsa at V16 (8192 state "
+        "floats) against Palimpsa (meta off) at V32 (8192, ratio 1.00);"
+    )
+    committed = [f["text"] for f in json.loads((capacity / "findings.json").read_text())]
+    assert [t for t in committed if t.startswith(head) and "Palimpsa worse: difference" in t]
     raw = pl.read_parquet(capacity / "runs.parquet")
     curves = pl.read_parquet(capacity / "curves.parquet")
-    off32 = (pl.col("variant") == "notpalimpsa") & (pl.col("axis.model.mixer.head_v_dim") == 32)
-    seed1 = raw.filter(off32)
-    assert seed1.height == 1
-    seed2 = seed1.with_columns(
-        pl.lit("added-seed-2").alias("run_id"), pl.lit(2).alias("axis.seed"), pl.lit(2).alias("cfg.seed"),
-        pl.col("metric.val_accuracy") + 0.01,
+    seed2 = (
+        (pl.col("variant") == "notpalimpsa") & (pl.col("axis.model.mixer.head_v_dim") == 32)
+        & (pl.col("axis.task.num_kv_pairs") == 128) & (pl.col("axis.seed") == 2)
     )  # fmt: skip
-    raw = pl.concat([raw, seed2], how="diagonal_relaxed")
-    copied = curves.filter(pl.col("run_id") == seed1.get_column("run_id").item())
-    curves = pl.concat([curves, copied.with_columns(pl.lit("added-seed-2").alias("run_id"))])
-    result = capacity_rebuilt(tmp_path, raw, curves)
-    head = "At V16, against Palimpsa (meta off). Equal state: Palimpsa at V16 (8192 state floats) against "
+    dropped = raw.filter(seed2).get_column("run_id")
+    assert dropped.len() == 1
+    result = capacity_rebuilt(tmp_path, raw.filter(~seed2), curves.filter(~pl.col("run_id").is_in(dropped)))
     equal = [t for t in texts(result, "metaplasticity") if t.startswith(head)]
-    assert len(equal) == 1 and "Palimpsa (meta off) at V32 (8192, ratio 1.00)" in equal[0]
-    assert "Palimpsa worse: difference" in equal[0] and "95% interval" in equal[0]
+    assert len(equal) == 1 and "(2 and 1 seeds): cannot tell" in equal[0] and "no interval" in equal[0]
 
 
 def test_metamamba2_against_mamba2_names_the_side_that_did_not_learn(tmp_path):
@@ -521,15 +538,16 @@ def test_metamamba2_against_mamba2_names_the_side_that_did_not_learn(tmp_path):
         .when(v16 & (pl.col("variant") == "mamba2")).then(0.5).otherwise(acc).alias(acc.meta.output_name())
     )  # fmt: skip
     result = capacity_rebuilt(tmp_path / "swapped", swapped, curves)
-    counted = "At V16, MetaMamba2 against Mamba2: not compared; MetaMamba2 learned in 0 of 2 seeds"
-    assert f"{counted}, Mamba2 in every seed." in texts(result, "metaplasticity")
+    counted = "At V16 on num_kv_pairs=128, MetaMamba2 against Mamba2: not compared; MetaMamba2 learned in 0"
+    assert f"{counted} of 2 seeds, Mamba2 in every seed." in texts(result, "metaplasticity")
     both = raw.with_columns(pl.when(v16 & (pl.col("variant") == "mamba2")).then(0.5).otherwise(acc).alias(
         acc.meta.output_name()))  # fmt: skip
     result = capacity_rebuilt(tmp_path / "both", both, curves)
     meta = texts(result, "metaplasticity")
     verdict = "cannot tell MetaMamba2 from Mamba2"
-    assert any(t.startswith("At V16, MetaMamba2 ") and verdict in t for t in meta)
-    assert not any(t.startswith("At V16, MetaMamba2 against Mamba2: not compared") for t in meta)
+    head = "At V16 on num_kv_pairs=128, MetaMamba2 "
+    assert any(t.startswith(head) and verdict in t for t in meta)
+    assert not any(t.startswith(f"{head}against Mamba2: not compared") for t in meta)
 
 
 def test_campaign_rebuilds_both_reports_from_its_batch_tables_alone(tmp_path):

@@ -27,7 +27,8 @@ C="$E/capacity"
   --caveat "Budget: 7 of the published 60 epochs (10,934 steps at L = 1024), the cosine over those 7." \
   --caveat "Each mixer at its learning rate of part A (L = 512, chosen on seeds 1 and 2), not swept here; \
 the grid has 60 points at that rate for seeds 1 and 2, and this report holds the ones run so far." \
-  --caveat "Rates carried over from L = 512, where Mamba2 learned in 1 of 3 seeds at its rate (the top of \
-the grid): a Mamba2 at chance here may be failing on its rate, not on its state." \
+  --caveat "Rates carried over from L = 512 (Palimpsa 2.15e-3, every other mixer 1e-2), not tuned at L = 1024: \
+a verdict between two mixers here is at those rates, and Mamba2, which learned in 1 of 3 seeds at its rate \
+(the top of the grid) at L = 512, may be failing on its rate, not on its state." \
   --caveat "$shared"
 rm -f "$E/selected.parquet" "$C/selected.parquet"
