@@ -216,7 +216,7 @@ def metamamba2_vs_mamba2(b: Builder) -> list[Finding]:
         return []
     rows = _rows_against(b, meta, plain)
     findings, _ = _pair_findings(b, rows, "metaplasticity")
-    n_tasks = len({r[0] for r in rows})
+    n_tasks = len(tasks_of(b))
     for task, size, a_row, b_row in rows:
         head = f"{where(task, size, n_tasks)}, {meta} against {plain}"
         if (count := one_side_unlearned(b, task, a_row, b_row, head)) is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from reports import comparisons, matching, recall, scaling
+from reports import capacity, comparisons, matching, recall, scaling
 from reports.numbers import Builder, Finding, Number, fmt  # noqa: F401  (re-exported)
 from reports.tables import Prepared
 
@@ -23,6 +23,7 @@ SECTIONS = {
     "why": "Why the gap moves with scale",
     "matched": "Matched comparisons: equal parameters, state, training time and FLOPs",
     "recall": "Recall against key-to-query distance",
+    "capacity": "One model at two loads, the same state per stored pair",
     "gates": "Paper against official gate parameterization",
     "prior": "The prior continuum",
     "throughput": "Measured throughput",
@@ -37,6 +38,7 @@ QUALITY_SECTIONS = (
     "why",
     "matched",
     "recall",
+    "capacity",
     "gates",
     "prior",
 )
@@ -67,6 +69,7 @@ def collect(prep: Prepared) -> tuple[list[Finding], dict[str, str]]:
         + scaling.why(b, series, n_tasks)
         + matching.findings(b, cells)
         + recall.findings(b)
+        + capacity.load_findings(b)
         + comparisons.gates(b)
         + comparisons.prior(b)
         + comparisons.throughput(b)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from reports import analysis
-from reports.comparisons import one_side_unlearned, reference_kind
+from reports.comparisons import one_side_unlearned, reference_kind, tasks_of
 from reports.numbers import (
     Builder,
     Comparison,
@@ -213,7 +213,7 @@ def equal_state_twins(b: Builder) -> list[Finding]:
     sizes is matched with the twin's size nearest in state elements (within :data:`TOLERANCE`).
     """
     out = []
-    tasks = b.means.get_column("task").unique().sort().to_list() if b.means.height else []
+    tasks = tasks_of(b)
     for on, off in twins(b):
         for task in tasks:
             groups = b.means.filter(pl.col("task") == task)
@@ -237,7 +237,7 @@ def equal_state_twins(b: Builder) -> list[Finding]:
 
 
 def findings(b: Builder, cells: list[Match]) -> list[Finding]:
-    n_tasks = len({m.task for m in cells})
+    n_tasks = len(tasks_of(b))
     return [
         Finding(
             "matched",

@@ -87,6 +87,14 @@ def statistics(prep: Prepared) -> str:
             "evenly over steps.",
         ),
         _li(
+            "Two loads",
+            "When runs differ in task.num_kv_pairs, each model's config at the higher load is set against "
+            "its config at a lower load nearest in state elements per stored pair (accepted within "
+            f"x{matching.TOLERANCE:g}): a verdict when both learned in every seed, each side's count of "
+            "learned seeds when one did and the other did not. If recall were set by the state per pair "
+            "alone, the two would agree.",
+        ),
+        _li(
             "Recall by distance",
             "When runs log recall_gap.&lt;lo&gt;-&lt;hi&gt; (accuracy on the queries whose key stood lo to "
             "hi tokens earlier), the report gives each learned model's recall at the nearest and farthest "

@@ -366,7 +366,8 @@ def select_best_lr(runs: pl.DataFrame, higher_is_better: bool) -> tuple[pl.DataF
     """
     lrs_of_seed = pl.col("train.lr").n_unique().over(["config_key", "seed"])
     shared = runs.filter(lrs_of_seed == pl.col("train.lr").n_unique().over("config_key"))
-    basis = pl.concat([shared, runs.filter(~pl.col("config_key").is_in(shared.get_column("config_key")))])
+    unshared = runs.filter(~pl.col("config_key").is_in(shared.get_column("config_key").to_list()))
+    basis = pl.concat([shared, unshared])
     per_lr = basis.group_by(["config_key", "train.lr"]).agg(
         pl.col("quality").mean().alias("choice_mean"), pl.col("seed").n_unique().alias("chosen_on")
     )
