@@ -29,6 +29,18 @@ def _pairs_of(b: Builder) -> dict[str, int]:
     return {t: int(p) for t, p in rows.iter_rows() if t in set(b.means.get_column("task"))}
 
 
+def _lighter(b: Builder, pairs: dict[str, int]) -> dict[str, list[str]]:
+    """task -> the tasks that differ from it only in holding fewer pairs (same length, vocabulary, ...)."""
+    others = [c for c in b.prep.task_columns if c != "task.num_kv_pairs" and c in b.prep.selected.columns]
+    rest = {t: b.prep.selected.filter(pl.col("task") == t).select(others).unique().rows() for t in pairs}
+    if not others:  # the load is the only task column: every task is the same task at another load
+        rest = {t: [()] for t in pairs}
+    return {
+        t: [u for u in pairs if pairs[u] < pairs[t] and len(rest[t]) == 1 and rest[u] == rest[t]]
+        for t in pairs
+    }
+
+
 def _per_pair(row: dict[str, Any], pairs: int) -> float | None:
     s = row.get("state_elements")
     return s / pairs if s else None
@@ -47,16 +59,15 @@ def _counts(b: Builder, row: dict[str, Any], tag: str) -> tuple[list, str] | Non
 def load_findings(b: Builder) -> list[Finding]:
     """Each model at a higher load against itself at a lower one, at the same state per stored pair."""
     pairs = _pairs_of(b)
-    loads = sorted(pairs, key=pairs.get)
+    lighter = _lighter(b, pairs)
     out = []
     for model in b.means.get_column("model").unique().sort().to_list():
-        rows = b.means.filter(pl.col("model") == model).to_dicts()
-        for i, hi_task in enumerate(loads[1:], start=1):
-            lower = [r for r in rows if r["task"] in loads[:i]]
-            for a in (r for r in rows if r["task"] == hi_task):
-                partner = _nearest_per_pair(a, lower, pairs)
-                finding = _one(b, model, a, partner, pairs) if partner else None
-                out += [finding] if finding else []
+        rows = b.means.filter(pl.col("model") == model).sort("task", "size_rank").to_dicts()
+        for a in rows:
+            lower = [r for r in rows if r["task"] in lighter.get(a["task"], [])]
+            partner = _nearest_per_pair(a, lower, pairs)
+            finding = _one(b, model, a, partner, pairs) if partner else None
+            out += [finding] if finding else []
     return out
 
 

@@ -586,6 +586,10 @@ def test_one_model_at_two_loads_is_compared_at_the_same_state_per_pair(tmp_path)
     result = capacity_rebuilt(tmp_path, raw, curves)
     palimpsa = [t for t in texts(result, "capacity") if t.startswith(head.format("Palimpsa", n=64))]
     assert len(palimpsa) == 1 and "(2 and 2 seeds): 256 pairs better: difference +0.246" in palimpsa[0]
+    # the loads must be the only difference between the two tasks: at another length, no sentence
+    longer = pl.when(pl.col("axis.task.num_kv_pairs") == 256).then(2048).otherwise(pl.col("cfg.task.seq_len"))
+    other_task = raw.with_columns(longer.alias("cfg.task.seq_len"), longer.alias("axis.task.seq_len"))
+    assert not texts(capacity_rebuilt(tmp_path / "longer", other_task, curves), "capacity")
 
 
 def test_campaign_rebuilds_both_reports_from_its_batch_tables_alone(tmp_path):
