@@ -142,31 +142,69 @@ def test_gpu_example_command_plans_its_eighteen_runs() -> None:
     assert "collect" not in counts and "report" not in counts and "tune_worker" not in counts, counts
 
 
+def committed_runs_match_points(grid, committed) -> None:
+    """Every committed run is a point of ``grid`` (matched by label: the hash part of an id moved when the
+    hash became relative to the defaults, and extra overrides such as the budget move it too), and every
+    config value the run recorded is the one the point resolves to now (values the run fills in itself,
+    ``auto`` and unset ones, aside)."""
+    from palimpsa.grid import EXECUTION_KEYS
+    from palimpsa.io import flatten, yaml_load
+
+    label = {p.point_id.rsplit("-", 1)[0]: p for p in grid.points}
+    for row in committed.iter_rows(named=True):
+        point = label[row["point"].rsplit("-", 1)[0]]
+        resolved = flatten(point.resolve())
+        recorded = {  # MLflow params come back as text; read them as config files are read
+            k[4:]: (None if v == "None" else yaml_load(v)) if isinstance(v, str) else v
+            for k, v in row.items()
+            if k.startswith("cfg.") and v is not None and not k[4:].startswith(EXECUTION_KEYS)
+        }
+        at_run_time = {k for k, v in resolved.items() if v is None or v == "auto"}  # filled in by the run
+        compared = {k: v for k, v in recorded.items() if k not in at_run_time}
+        differing = {k: (v, resolved.get(k)) for k, v in compared.items() if resolved.get(k) != v}
+        assert not differing, (row["point"], differing)
+
+
 def test_gpu_example_config_gives_the_committed_runs() -> None:
     """Rerunning the example's config trains exactly the points its committed report was built from."""
     import polars as pl
 
-    from palimpsa.grid import EXECUTION_KEYS, load_grid
-    from palimpsa.io import flatten, yaml_load
+    from palimpsa.grid import load_grid
 
     example = ROOT / "reports" / "examples" / "scale-gpu"
     overrides = yaml.safe_load((example / "workflow.yaml").read_text())["run_overrides"]
     grid = load_grid(example / "scale-depth2.yaml", extra=overrides)
     committed = pl.read_parquet(example / "runs.parquet")
     assert set(committed.get_column("grid")) == {grid.name}
-    # The same points by their labels (the hash part of an id moved when the hash became relative to the
-    # defaults), and every config value the committed runs recorded is the one the point resolves to now.
-    label = {p.point_id.rsplit("-", 1)[0]: p for p in grid.points}
-    assert sorted(point.rsplit("-", 1)[0] for point in committed.get_column("point")) == sorted(label)
-    for row in committed.iter_rows(named=True):
-        resolved = flatten(label[row["point"].rsplit("-", 1)[0]].resolve())
-        recorded = {  # MLflow params come back as text; read them as config files are read
-            k[4:]: (None if v == "None" else yaml_load(v)) if isinstance(v, str) else v
-            for k, v in row.items()
-            if k.startswith("cfg.") and v is not None and not k[4:].startswith(EXECUTION_KEYS)
-        }
-        differing = {k: (v, resolved.get(k)) for k, v in recorded.items() if resolved.get(k) != v}
-        assert not differing, (row["point"], differing)
+    assert sorted(p.rsplit("-", 1)[0] for p in committed.get_column("point")) == sorted(
+        p.point_id.rsplit("-", 1)[0] for p in grid.points
+    )
+    committed_runs_match_points(grid, committed)
+
+
+def test_mqar_campaign_workflow_config_plans_both_parts_and_holds_the_committed_runs() -> None:
+    """reports/examples/mqar-official/workflow.yaml: part A's 40 points and the capacity grid's 240 at the
+    campaign's budget; every committed run of seeds 1 and 2 (both parts) is one of those points, with the
+    config values (7 epochs included) the workflow would give it."""
+    import polars as pl
+
+    from palimpsa.grid import load_grid
+
+    example = ROOT / "reports" / "examples" / "mqar-official"
+    proc = snakemake(
+        "-n", "-F", "--nolock", "--quiet", "rules", "--until", "train", "--profile", "workflow/profiles/gpu",
+        "--configfile", "workflow/profiles/gpu/workflow.yaml", str(example / "workflow.yaml"), "--cores", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == counts["point_config"] == 40 + 240, counts
+    config = yaml.safe_load((example / "workflow.yaml").read_text())
+    assert config["run_overrides"]["train.epochs"] == 7
+    for grid_file, table in zip(config["grids"], ("runs.parquet", "capacity/runs.parquet"), strict=True):
+        grid = load_grid(ROOT / grid_file, extra=config["run_overrides"])
+        committed = pl.read_parquet(example / table).filter(pl.col("axis.seed") <= 2)
+        assert committed.height >= 30 and set(committed.get_column("experiment")) == {grid.experiment}
+        committed_runs_match_points(grid, committed)
 
 
 def test_bad_workflow_config_names_the_key(tmp_path: Path) -> None:
