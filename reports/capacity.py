@@ -26,14 +26,16 @@ def _pairs_of(b: Builder) -> dict[str, int]:
     if "task.num_kv_pairs" not in b.prep.selected.columns:
         return {}
     rows = b.prep.selected.select("task", "task.num_kv_pairs").unique().drop_nulls()
-    return {t: int(p) for t, p in rows.iter_rows() if t in set(b.means.get_column("task"))}
+    compared = set(b.means.get_column("task"))
+    return {t: int(p) for t, p in rows.iter_rows() if t in compared}
 
 
 def _lighter(b: Builder, pairs: dict[str, int]) -> dict[str, list[str]]:
     """task -> the tasks that differ from it only in holding fewer pairs (same length, vocabulary, ...)."""
     others = [c for c in b.prep.task_columns if c != "task.num_kv_pairs" and c in b.prep.selected.columns]
-    rest = {t: b.prep.selected.filter(pl.col("task") == t).select(others).unique().rows() for t in pairs}
-    if not others:  # the load is the only task column: every task is the same task at another load
+    if others:
+        rest = {t: b.prep.selected.filter(pl.col("task") == t).select(others).unique().rows() for t in pairs}
+    else:  # the load is the only task column: every task is the same task at another load
         rest = {t: [()] for t in pairs}
     return {
         t: [u for u in pairs if pairs[u] < pairs[t] and len(rest[t]) == 1 and rest[u] == rest[t]]
