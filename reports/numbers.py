@@ -169,6 +169,7 @@ class Builder:
         self.means = analysis.model_means(prep)
         self.numbers: dict[str, Number] = {}
         self.samples: dict[str, list[float]] = {}  # per-run values behind mean and at_budget numbers
+        self._chance: dict[str, tuple[Number, Number] | None] = {}  # per task: one pair of numbers, reused
 
     # ----------------------------------------------------------------- recipes over runs
 
@@ -428,7 +429,13 @@ class Builder:
     # ----------------------------------------------------------------- chance screen
 
     def chance(self, task: str) -> tuple[Number, Number] | None:
-        """(chance level, learned threshold) of ``task``, or None when unknown or not unique."""
+        """(chance level, learned threshold) of ``task``, or None when unknown or not unique; the same two
+        numbers however many findings cite them."""
+        if task not in self._chance:
+            self._chance[task] = self._chance_numbers(task)
+        return self._chance[task]
+
+    def _chance_numbers(self, task: str) -> tuple[Number, Number] | None:
         runs = self.prep.runs.filter(pl.col("task") == task)
         row = runs.row(0, named=True)
         source = chance.chance_source(row, self.prep.metric)
