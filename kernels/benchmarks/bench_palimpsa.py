@@ -18,6 +18,7 @@ nothing here uses those gradients, and training must never do this.
 Our op runs once per backward variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, read
 at the backward): ``palimpsa_triton`` as shipped (the two-pass backward, sub-chunks of S = 4 tokens),
 ``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity),
+``palimpsa_cuda_walk`` the same with its walk in CUDA C++ (``walk_bwd.cu``; ``_sub2``: S = 2),
 ``_onepass_direct`` the same with the per-element d log alpha, the neighbouring sub-chunk lengths of
 each walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``), and both paths at the fixed launch
 widths that preceded ``"auto"`` warps (``_fixedwarps``). Each record carries its ``config``
@@ -90,7 +91,9 @@ FIXED_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps
 VARIANTS: dict[str, dict] = {
     "palimpsa_triton": {},
     "palimpsa_triton_onepass": {"backward": "one_pass"},
+    "palimpsa_cuda_walk": {"backward": "one_pass", "onepass_walk": "cuda"},
     "palimpsa_triton_onepass_direct": {"backward": "one_pass", "onepass_dla": "direct"},
+    "palimpsa_cuda_walk_sub2": {"backward": "one_pass", "onepass_walk": "cuda", "onepass_sub": 2},
     "palimpsa_triton_sub2": {"main_sub": 2},
     "palimpsa_triton_sub8": {"main_sub": 8},
     "palimpsa_triton_onepass_sub2": {"backward": "one_pass", "onepass_sub": 2},

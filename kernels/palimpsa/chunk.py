@@ -386,6 +386,9 @@ CONFIG: dict[str, int | str] = {
     # the one-pass backward's d log alpha: "identity" (no per-element work; its error is absolute, see
     # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
     "onepass_dla": "identity",
+    # the one-pass backward's walk: "triton" (_walk_bwd), "cuda" (walk_bwd.cu, built with nvcc on first use;
+    # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run, else Triton)
+    "onepass_walk": "triton",
     "correct_block": 32,  # V and K blocks of the correction's products (sm_90: no spills up to K = V = 128)
     "correct_warps": 4,
 }

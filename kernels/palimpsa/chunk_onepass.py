@@ -301,6 +301,54 @@ def _correct_bwd(
     tl.store(dla + rows, d_la.to(tl.float32), mask=mt)
 
 
+def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
+    """``CONFIG["onepass_walk"]``: "triton", "cuda" (an error where it cannot run) or "auto"."""
+    choice = CONFIG["onepass_walk"]
+    if choice not in ("triton", "cuda", "auto"):
+        raise ValueError(f"CONFIG['onepass_walk'] is 'triton', 'cuda' or 'auto'; got {choice!r}")
+    if choice == "triton":
+        return False
+    from kernels.palimpsa import walk_cuda
+
+    if choice == "cuda":
+        if direct:
+            raise walk_cuda.CudaWalkUnavailable("the CUDA walk computes d log alpha by the identity only")
+        return True
+    return not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
+
+
+def _triton_walk(
+    q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor,
+    hm: Tensor, hi: Tensor, dy: Tensor, dvar: Tensor, has_dvar: bool, scale: float, layout: SequenceLayout,
+    C: int, sub: int,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """``_walk_bwd`` over every (V block, chunk, head): ``dq, dk, du, db, dc, dip``, the chunks' pulls and
+    the number of V blocks."""
+    _, TT, H, K = q.shape
+    V = u.shape[-1]
+    NT = layout.num_chunks
+    BK = max(16, next_pow2(K))
+    BV = _bv(V, BK, CONFIG["onepass_bv"], floor=16)
+    NV = triton.cdiv(V, BV)
+    atomic = NV > 1  # dk and dq sum over V blocks
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
+    du = torch.empty_like(u)
+    db = torch.empty_like(beta)
+    dc = q.new_empty(NV, TT, H, dtype=torch.float32)  # the walk's part of dL/dc_t, per V block
+    dip = q.new_empty(NV, NT, H, dtype=torch.float64)
+    dhm = torch.empty_like(hm)  # the chunks' pulls; the scan turns them into E_c in place
+    dhi = torch.empty_like(hi)
+    _walk_bwd[(NV, NT, H)](
+        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, dhm, dhi,
+        layout.cu_seqlens, layout.chunk_index, scale, TT,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BV, SUB=sub, HAS_DVAR=has_dvar, ATOMIC=atomic,
+        DLA_DIRECT=CONFIG["onepass_dla"] == "direct", FAST_RCP=q.is_cuda, PREC=dot_precision(q.dtype),
+        num_warps=num_warps("onepass_warps", BK, BV),
+    )  # fmt: skip
+    return dq, dk, du, db, dc, dip, dhm, dhi, NV
+
+
 def onepass_backward(
     q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor,
     hm: Tensor, hi: Tensor, hTm: Tensor | None, hTi: Tensor | None, dy: Tensor, dvar: Tensor, has_dvar: bool,
@@ -320,24 +368,15 @@ def onepass_backward(
     N, NT = layout.num_seqs, layout.num_chunks
     BK = max(16, next_pow2(K))
     prec = dot_precision(q.dtype)
-    BV = _bv(V, BK, CONFIG["onepass_bv"], floor=16)
-    NV = triton.cdiv(V, BV)
-    atomic = NV > 1  # dk and dq sum over V blocks
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(q)
-    dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32) if atomic else torch.empty_like(k)
-    du = torch.empty_like(u)
-    db = torch.empty_like(beta)
-    dc = q.new_empty(NV, TT, H, dtype=torch.float32)  # the walk's part of dL/dc_t, per V block
-    dip = q.new_empty(NV, NT, H, dtype=torch.float64)
-    dhm = torch.empty_like(hm)  # the chunks' pulls; the scan turns them into E_c in place
-    dhi = torch.empty_like(hi)
-    _walk_bwd[(NV, NT, H)](
-        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, dhm, dhi,
-        layout.cu_seqlens, layout.chunk_index, scale, TT,
-        H=H, K=K, V=V, C=C, BK=BK, BV=BV, SUB=CONFIG["onepass_sub"], HAS_DVAR=has_dvar, ATOMIC=atomic,
-        DLA_DIRECT=direct, FAST_RCP=q.is_cuda, PREC=prec,
-        num_warps=num_warps("onepass_warps", BK, BV),
-    )  # fmt: skip
+    if _use_cuda_walk(q, V, C, direct):
+        from kernels.palimpsa import walk_cuda  # built with nvcc on first use
+
+        walk = walk_cuda.walk_bwd
+    else:
+        walk = _triton_walk
+    dq, dk, du, db, dc, dip, dhm, dhi, NV = walk(
+        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, has_dvar, scale, layout, C, CONFIG["onepass_sub"]
+    )
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
     d0i = torch.empty_like(d0m)

@@ -1,0 +1,167 @@
+"""The one-pass backward's CUDA walk (``kernels/palimpsa/walk_bwd.cu``), run on the CPU.
+
+No GPU here: the kernel's own source is compiled by the host C++ compiler against a small emulation of the
+CUDA built-ins it uses (``cuda_emulator.py``) and launched with the argument list ``walk_cuda.walk_bwd`` gives
+the GPU. Checked two ways: every output against the Triton walk (Triton's interpreter) on the same inputs,
+and every input gradient of the whole op, with the CUDA walk in its backward, against the float64 recurrence.
+The same comparisons on an H200: ``kernels/benchmarks/gpu_check_cudawalk.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("triton was imported without its interpreter and there is no GPU", allow_module_level=True)
+
+import cuda_emulator  # noqa: E402
+
+from kernels.palimpsa import chunk, chunk_onepass, naive_recurrent_palimpsa, walk_cuda  # noqa: E402
+from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
+from kernels.palimpsa.utils import sequence_layout  # noqa: E402
+
+OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
+
+
+@pytest.fixture
+def config():
+    saved = dict(chunk.CONFIG)
+    yield chunk.CONFIG
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(saved)
+
+
+def walk_inputs(B, T, H, K, V, dtype=torch.float32, gates="normal", cu=None, seed=0):
+    """What the one-pass backward hands its walk: inputs, the forward's boundary states, the upstream
+    gradients."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, u = r(1, B * T, H, K), r(1, B * T, H, K) / K**0.5, r(1, B * T, H, V)
+    beta = torch.rand(1, B * T, H, V, generator=g)
+    la = torch.nn.functional.logsigmoid(r(1, B * T, H) + 2.0)
+    ip = torch.rand(H, generator=g) + 0.5
+    if gates == "extreme":  # alpha = e^-30 next to 1 - 1e-7, beta 0 or large, Ip 1e-4 next to 1e4
+        sel = torch.rand(1, B * T, H, generator=g)
+        la = torch.where(sel < 0.3, torch.full_like(la, -30.0), torch.where(sel < 0.6, -1e-7 * sel, la))
+        off = torch.rand(beta.shape, generator=g) < 0.3
+        beta = torch.where(off, torch.zeros_like(beta), beta * 50)
+        ip = torch.tensor([1e-4, 1e4] * H)[:H]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    layout = sequence_layout(1 if cu else B, B * T if cu else T, cu_t, 64, torch.device("cpu"))
+    q, k, u, beta = (x.to(dtype) for x in (q, k, u, beta))
+    BK = max(16, triton.next_power_of_2(K))
+    BV = chunk._bv(V, BK, chunk.CONFIG["states_bv"], floor=16)
+    hm = torch.empty(layout.num_chunks, H, V, K)
+    hi = torch.empty_like(hm)
+    chunk._states_fwd[(triton.cdiv(V, BV), layout.num_seqs * H)](
+        k, u, beta, la, hm, hi, hm, hi, hm, hi, layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, C=64, BK=BK, BV=BV, USE_INIT=False, STORE_FINAL=False, PREC="ieee", num_warps=4,
+    )  # fmt: skip
+    dy, dvar = r(1, B * T, H, V).to(dtype), r(1, B * T, H, V).to(dtype)
+    return (q, k, u, beta, la, -torch.expm1(la), ip, hm, hi, dy, dvar), layout
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+WALK_CASES = {
+    # (B, T, H, K, V), dtype, gates, cu_seqlens, variance gradient, sub-chunk
+    "K=V=32, T one chunk and a bit": ((1, 80, 2, 32, 32), torch.float32, "normal", None, False, 4),
+    "odd K and V (5, 12), S 1": ((1, 100, 1, 5, 12), torch.float32, "normal", None, True, 1),
+    "K 48, V 40, variance, S 2": ((2, 100, 2, 48, 40), torch.float32, "normal", None, True, 2),
+    "V over two blocks (atomic dk, dq)": ((1, 70, 1, 64, 72), torch.float32, "normal", None, False, 4),
+    "varlen, 3 sequences": ((1, 150, 1, 16, 40), torch.float32, "normal", [0, 20, 97, 150], True, 4),
+    "extreme gates": ((1, 130, 2, 32, 48), torch.float32, "extreme", None, True, 4),
+    "bf16": ((1, 100, 1, 32, 32), torch.bfloat16, "normal", None, False, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(WALK_CASES))
+def test_cuda_walk_matches_the_triton_walk(case):
+    shape, dtype, gates, cu, has_dvar, sub = WALK_CASES[case]
+    xs, layout = walk_inputs(*shape, dtype=dtype, gates=gates, cu=cu)
+    args = (*xs, has_dvar, shape[3] ** -0.5, layout, 64, sub)
+    want = chunk_onepass._triton_walk(*args)
+    got = walk_cuda.walk_bwd(*args, launcher=cuda_emulator.launch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the stored gradients round differently
+    for name, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
+        if name in ("dc", "dip"):  # per V block: the two walks may cut V differently
+            a, b = a.sum(0), b.sum(0)
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+
+def test_whole_backward_with_the_cuda_walk_matches_float64(config, monkeypatch):
+    """Every input gradient of the op with the CUDA walk in its backward (variance, varlen with a short last
+    chunk, several chunks) against autograd through the float64 recurrence."""
+    config.update(backward="one_pass", onepass_walk="cuda", onepass_sub=4)
+    monkeypatch.setattr(
+        walk_cuda, "walk_bwd", functools.partial(walk_cuda.walk_bwd, launcher=cuda_emulator.launch)
+    )
+    g = torch.Generator().manual_seed(3)
+    H, K, V, lens = 2, 24, 20, [70, 150]
+    T = sum(lens)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    xs = [r(1, T, H, K), r(1, T, H, K) / K**0.5, r(1, T, H, V), torch.rand(1, T, H, V, generator=g).double()]
+    xs += [torch.nn.functional.logsigmoid(r(1, T, H) + 2.0), torch.rand(H, generator=g).double() + 0.5]
+    xs = [x.requires_grad_(True) for x in xs]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    wy, wv = r(1, T, H, V), r(1, T, H, V)
+
+    def grads(fn):
+        for x in xs:
+            x.grad = None
+        y, var = fn()
+        ((y.double() * wy).sum() + (var.double() * wv).sum()).backward()
+        return [x.grad.clone() for x in xs]
+
+    got = grads(
+        lambda: chunk_palimpsa(
+            *(x.float() for x in xs[:4]), xs[4].float(), xs[5].float(), output_variance=True, cu_seqlens=cu
+        )[:2]
+    )
+
+    def reference():
+        ys, vs = [], []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            part = [x[:, a:b] for x in xs[:5]]
+            y, var, _ = naive_recurrent_palimpsa(*part, xs[5], output_variance=True)
+            ys.append(y)
+            vs.append(var)
+        return torch.cat(ys, 1), torch.cat(vs, 1)
+
+    want = grads(reference)
+    for name, a, b in zip(["dq", "dk", "du", "dbeta", "dlog_alpha", "dIp"], got, want, strict=True):
+        assert rel(a, b) < 1e-4, (name, rel(a, b))
+
+
+def test_walk_choice_is_checked(config):
+    xs, layout = walk_inputs(1, 64, 1, 16, 16)
+    config["onepass_walk"] = "fast"
+    with pytest.raises(ValueError, match="onepass_walk"):
+        chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False)
+    config["onepass_walk"] = "cuda"
+    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="identity"):
+        chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=True)
+    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="CUDA tensors"):
+        walk_cuda.walk_bwd(*xs, False, 0.25, layout, 64, 4)
+    config["onepass_walk"] = "auto"  # no GPU here: the Triton walk
+    assert chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False) is False
+
+
+@pytest.mark.parametrize(
+    ("K", "C", "sub", "reason"),
+    [(256, 64, 4, "K = 256"), (64, 32, 4, "chunk_size 32"), (64, 64, 8, "sub-chunk length 8")],
+)
+def test_unsupported_shapes_are_named(K, C, sub, reason):
+    assert reason in walk_cuda.unsupported_reason(K, 64, C, torch.bfloat16, sub)
+    assert walk_cuda.unsupported_reason(64, 64, 64, torch.bfloat16, 4) is None
