@@ -165,3 +165,15 @@ def test_walk_choice_is_checked(config):
 def test_unsupported_shapes_are_named(K, C, sub, reason):
     assert reason in walk_cuda.unsupported_reason(K, 64, C, torch.bfloat16, sub)
     assert walk_cuda.unsupported_reason(64, 64, 64, torch.bfloat16, 4) is None
+
+
+def test_backward_path_follows_head_size(config):
+    """ "auto" takes the one-pass backward from K * V = AUTO_MIN_STATE (where it measured faster)."""
+    config["backward"] = "auto"
+    assert chunk.backward_path(16, 32) == "two_pass"
+    assert chunk.backward_path(48, 48) == "one_pass"
+    config["backward"] = "two_pass"
+    assert chunk.backward_path(64, 64) == "two_pass"
+    config["backward"] = "one pass"
+    with pytest.raises(ValueError, match="CONFIG\\['backward'\\]"):
+        chunk.backward_path(64, 64)

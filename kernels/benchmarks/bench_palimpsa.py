@@ -16,13 +16,14 @@ there are wrong). For TIMING only this script lifts that guard by setting the mo
 nothing here uses those gradients, and training must never do this.
 
 Our op runs once per backward variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, read
-at the backward): ``palimpsa_triton`` as shipped (the two-pass backward, sub-chunks of S = 4 tokens),
-``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity),
-``palimpsa_cuda_walk`` the same with its walk in CUDA C++ (``walk_bwd.cu``; ``_sub2``: S = 2),
-``_onepass_direct`` the same with the per-element d log alpha, the neighbouring sub-chunk lengths of
-each walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``), and both paths at the fixed launch
-widths that preceded ``"auto"`` warps (``_fixedwarps``). Each record carries its ``config``
-and the per-kernel times of one step. Rows run in priority order (the first three variants and GDN on every
+at the backward): ``palimpsa_triton`` as shipped (``"auto"``: from K * V = 2048 the one-pass backward with
+the CUDA walk where nvcc is found, below it the two-pass backward), ``_twopass`` the two-pass backward,
+``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity) with
+its Triton walk, ``palimpsa_cuda_walk`` the same with its walk in CUDA C++ (``walk_bwd.cu``; ``_sub2``:
+S = 2), ``_onepass_direct`` the same with the per-element d log alpha, the neighbouring sub-chunk lengths of
+each Triton walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``), and both Triton paths at the
+fixed launch widths that preceded ``"auto"`` warps (``_fixedwarps``). Each record carries its ``config``
+and the per-kernel times of one step. Rows run in priority order (the first four variants and GDN on every
 shape first, then the other variants and baselines); ``--budget-s`` stops starting new rows after that many
 seconds.
 
@@ -90,19 +91,20 @@ def fla_inputs(B, T, H, K, V, kind):
 FIXED_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
 VARIANTS: dict[str, dict] = {
     "palimpsa_triton": {},
-    "palimpsa_triton_onepass": {"backward": "one_pass"},
+    "palimpsa_triton_twopass": {"backward": "two_pass"},
+    "palimpsa_triton_onepass": {"backward": "one_pass", "onepass_walk": "triton"},
     "palimpsa_cuda_walk": {"backward": "one_pass", "onepass_walk": "cuda"},
     "palimpsa_triton_onepass_direct": {"backward": "one_pass", "onepass_dla": "direct"},
     "palimpsa_cuda_walk_sub2": {"backward": "one_pass", "onepass_walk": "cuda", "onepass_sub": 2},
-    "palimpsa_triton_sub2": {"main_sub": 2},
-    "palimpsa_triton_sub8": {"main_sub": 8},
-    "palimpsa_triton_onepass_sub2": {"backward": "one_pass", "onepass_sub": 2},
-    "palimpsa_triton_onepass_sub8": {"backward": "one_pass", "onepass_sub": 8},
+    "palimpsa_triton_sub2": {"backward": "two_pass", "main_sub": 2},
+    "palimpsa_triton_sub8": {"backward": "two_pass", "main_sub": 8},
+    "palimpsa_triton_onepass_sub2": {"backward": "one_pass", "onepass_walk": "triton", "onepass_sub": 2},
+    "palimpsa_triton_onepass_sub8": {"backward": "one_pass", "onepass_walk": "triton", "onepass_sub": 8},
     # the launch widths before "auto" (the same as auto from K * V = 4096 up; differ on small heads)
-    "palimpsa_triton_fixedwarps": FIXED_WARPS,
-    "palimpsa_triton_onepass_fixedwarps": {"backward": "one_pass", **FIXED_WARPS},
+    "palimpsa_triton_fixedwarps": {"backward": "two_pass", **FIXED_WARPS},
+    "palimpsa_triton_onepass_fixedwarps": {"backward": "one_pass", "onepass_walk": "triton", **FIXED_WARPS},
 }
-PRIORITY = (*list(VARIANTS)[:3], "fla_gdn_chunk")
+PRIORITY = (*list(VARIANTS)[:4], "fla_gdn_chunk")
 
 
 def use_config(overrides: dict) -> None:

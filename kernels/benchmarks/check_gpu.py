@@ -1,6 +1,10 @@
 """GPU correctness of the Palimpsa Triton op against the float64 recurrence (run on a CUDA machine).
 
-    python -m kernels.benchmarks.check_gpu [--out kernels/benchmarks/gpu_check.md]
+    python -m kernels.benchmarks.check_gpu [--out kernels/benchmarks/gpu_check.md] [--set backward=one_pass]
+        [--cuda-walk]
+
+``--set KEY=VALUE`` overrides ``chunk.CONFIG`` (the header lists them); ``--cuda-walk`` runs the one-pass
+backward with its CUDA walk on every case that walk takes (the others say which walk they used).
 
 fp32 inputs must reach relative error <= 1e-5 on every output and <= 1e-4 on every input gradient
 (``||x - ref|| / ||ref||``); bf16 inputs are reported against the same reference for information.
@@ -17,7 +21,13 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.palimpsa import fused_recurrent_palimpsa, naive_recurrent_palimpsa, palimpsa_attn
+from kernels.palimpsa import (
+    chunk,
+    fused_recurrent_palimpsa,
+    naive_recurrent_palimpsa,
+    palimpsa_attn,
+    walk_cuda,
+)
 
 DEV = torch.device("cuda")
 NAMES = ["y", "var", "mu_T", "I_T", "dq", "dk", "du", "dbeta", "dlog_alpha", "dIp", "dmu_0", "dI_0"]
@@ -65,7 +75,18 @@ def rel(a, b):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a chunk.CONFIG setting")
+    ap.add_argument("--cuda-walk", action="store_true", help="one-pass, CUDA walk")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in chunk.CONFIG:
+            ap.error(f"--set {item}: no chunk.CONFIG key {key!r}")
+        overrides[key] = int(value) if value.isdigit() else value
+    chunk.CONFIG.update(overrides)
+    if args.cuda_walk:
+        chunk.CONFIG["backward"] = "one_pass"
     cases = [
         ("odd K,V; T % 64 != 0", (2, 300, 3, 48, 40), "normal", None),
         ("K=V=64", (2, 256, 2, 64, 64), "normal", None),
@@ -79,7 +100,8 @@ def main(argv=None):
     lines = [
         f"# GPU check: Triton Palimpsa vs float64 recurrence\n\n{torch.cuda.get_device_name()}, torch "
         f"{torch.__version__}, triton {triton.__version__}. Relative error ||x - ref|| / ||ref||.\n"
-        "Targets (fp32 inputs): outputs <= 1e-5, gradients <= 1e-4.\n",
+        "Targets (fp32 inputs): outputs <= 1e-5, gradients <= 1e-4.\n"
+        f"chunk.CONFIG: {chunk.CONFIG}\n",
         "| case | (B,T,H,K,V) | dtype | " + " | ".join(NAMES) + " | pass |",
         "|---|---|---|" + "---|" * len(NAMES) + "---|",
     ]
@@ -94,6 +116,11 @@ def main(argv=None):
             )
         ref = run([x.double() for x in xs], "reference", torch.float64, cu_t)
         for dtype in (torch.float32, torch.bfloat16):
+            if args.cuda_walk:
+                sub = chunk.CONFIG["onepass_sub"]
+                reason = walk_cuda.unsupported_reason(shape[3], shape[4], 64, dtype, sub)
+                chunk.CONFIG["onepass_walk"] = "cuda" if reason is None else "triton"
+                name = name.split(" (")[0] + ("" if reason is None else f" (Triton walk: {reason})")
             try:
                 out = run(xs, "triton", dtype, cu_t)
                 errs = [rel(a, b) for a, b in zip(out, ref, strict=True)]

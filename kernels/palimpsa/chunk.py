@@ -13,11 +13,11 @@ Forward
      op (``rcp.approx``) when compiled. Per element and token: 4 FP32 ops for the two state updates, 2 for
      ``M / I`` into ``y``, one reciprocal.
 
-Backward: two paths, chosen by ``CONFIG["backward"]``. The two-pass one is steps 3-5 below; the one-pass one
-(``chunk_onepass.py``) walks each chunk once from a zero adjoint, runs the scan of step 4, then adds the later
-chunks' share with four tensor-core products per chunk, and takes ``d log alpha`` and ``dIp`` from an
-identity with no per-element work. Two-pass, with ``D_t`` the direct gradients of token ``t``'s read-out on
-``(M_t, Ibar_t)``:
+Backward: two paths, chosen by ``CONFIG["backward"]`` (by default by head size, ``backward_path``). The
+two-pass one is steps 3-5 below; the one-pass one (``chunk_onepass.py``) walks each chunk once from a zero
+adjoint, runs the scan of step 4, then adds the later chunks' share with four tensor-core products per
+chunk, and takes ``d log alpha`` and ``dIp`` from an identity with no per-element work. Two-pass, with
+``D_t`` the direct gradients of token ``t``'s read-out on ``(M_t, Ibar_t)``:
   3. ``_local_bwd``: per chunk in parallel, ``L_c = sum_t e^{G_t} D_t``, the chunk's own pull on its
      start state.
   4. ``_scan_bwd``: a reverse scan over chunks gives ``E_c``, the gradient on the state after chunk ``c``
@@ -377,9 +377,10 @@ CONFIG: dict[str, int | str] = {
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
     "main_sub": 4,
     # "two_pass": steps 3-5 above; "one_pass": chunk_onepass.py (one walk per chunk from a zero adjoint, the
-    # scan, tensor-core corrections). H200: 1.07x to 1.16x faster at the design shapes, a tie at MQAR's
-    # (notes.md, run 7); the default once it is timed in a language-model training step.
-    "backward": "two_pass",
+    # scan, tensor-core corrections); "auto": one_pass from K * V >= AUTO_MIN_STATE. H200: one_pass 1.07x to
+    # 1.16x faster at the design shapes and the 170M layer with either walk in Triton, a tie at MQAR's
+    # (K * V = 512) and slower in its training step (notes.md, runs 7 and 8)
+    "backward": "auto",
     "onepass_bv": 64,
     "onepass_warps": "auto",
     "onepass_sub": 4,
@@ -387,14 +388,17 @@ CONFIG: dict[str, int | str] = {
     # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
     "onepass_dla": "identity",
     # the one-pass backward's walk: "triton" (_walk_bwd), "cuda" (walk_bwd.cu, built with nvcc on first use;
-    # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run, else Triton)
-    "onepass_walk": "triton",
+    # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run and K * V >=
+    # AUTO_MIN_STATE, else Triton). H200: the CUDA walk 1.8x to 1.9x faster from K * V = 2304 up, 1.3x
+    # slower at K * V = 512 (notes.md, run 8)
+    "onepass_walk": "auto",
     "correct_block": 32,  # V and K blocks of the correction's products (sm_90: no spills up to K = V = 128)
     "correct_warps": 4,
 }
 
 
 ELEMENTS_PER_THREAD = 8
+AUTO_MIN_STATE = 2048  # K * V from which the "auto" settings take the one-pass backward and the CUDA walk
 MAX_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
 
 
@@ -409,6 +413,16 @@ def num_warps(key: str, BK: int, BV: int) -> int:
         return int(value)
     want = max(1, BK * BV // (32 * ELEMENTS_PER_THREAD))
     return min(next_pow2(want), MAX_WARPS[key])
+
+
+def backward_path(K: int, V: int) -> str:
+    """``CONFIG["backward"]``, with "auto" resolved for heads of ``K`` x ``V``."""
+    choice = CONFIG["backward"]
+    if choice not in ("two_pass", "one_pass", "auto"):
+        raise ValueError(f"CONFIG['backward'] is 'two_pass', 'one_pass' or 'auto'; got {choice!r}")
+    if choice == "auto":
+        return "one_pass" if K * V >= AUTO_MIN_STATE else "two_pass"
+    return choice
 
 
 def _bv(V: int, BK: int, cap: int, floor: int = 8) -> int:
@@ -470,9 +484,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         if has_dfinal:
             dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
             dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
-        if CONFIG["backward"] not in ("two_pass", "one_pass"):
-            raise ValueError(f"CONFIG['backward'] is 'two_pass' or 'one_pass'; got {CONFIG['backward']!r}")
-        if CONFIG["backward"] == "one_pass":
+        if backward_path(K, V) == "one_pass":
             # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
             from kernels.palimpsa.chunk_onepass import onepass_backward
 

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
+from kernels.palimpsa.chunk import AUTO_MIN_STATE, CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
 from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2
 
 
@@ -314,7 +314,8 @@ def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
         if direct:
             raise walk_cuda.CudaWalkUnavailable("the CUDA walk computes d log alpha by the identity only")
         return True
-    return not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
+    big = q.shape[-1] * V >= AUTO_MIN_STATE
+    return big and not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
 
 
 def _triton_walk(

@@ -1,0 +1,121 @@
+"""The one-pass backward's two walks side by side on a GPU: the CUDA walk against the Triton walk.
+
+    python -m kernels.benchmarks.check_cuda_walk [--out kernels/benchmarks/gpu_check_cudawalk_walk.md]
+
+Both walks get the same inputs (fresh random draws, the forward's boundary states, random upstream
+gradients); every output they hand the rest of the backward is compared (relative error of the CUDA walk's
+against the Triton walk's; ``dc`` and ``dip`` summed over V blocks, which the two cut differently). Then the
+walk alone is timed at the design, 170M-layer and MQAR shapes (bf16, median ms of ``do_bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from kernels.palimpsa import chunk, chunk_onepass, walk_cuda
+from kernels.palimpsa.utils import dot_precision, sequence_layout
+
+DEV = torch.device("cuda")
+OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
+CASES = [  # name, (B, T, H, K, V), dtype, gates, cu_seqlens, variance gradient
+    ("K=V=64", (2, 256, 2, 64, 64), torch.float32, "normal", None, False),
+    ("K=V=64, variance", (2, 256, 2, 64, 64), torch.float32, "normal", None, True),
+    ("K 48, V 40, T 300", (2, 300, 3, 48, 40), torch.float32, "normal", None, True),
+    ("K 5, V 12", (2, 130, 2, 5, 12), torch.float32, "normal", None, False),
+    ("K=V=128", (1, 200, 2, 128, 128), torch.float32, "normal", None, True),
+    ("K 64, V 128 (two V blocks)", (1, 200, 2, 64, 128), torch.float32, "normal", None, False),
+    ("K 16, V 32 (MQAR)", (4, 512, 2, 16, 32), torch.float32, "normal", None, False),
+    ("varlen, 3 sequences", (1, 333, 2, 48, 64), torch.float32, "normal", [0, 70, 200, 333], True),
+    ("extreme gates", (2, 200, 2, 32, 48), torch.float32, "extreme", None, True),
+    ("K=V=64, bf16", (2, 256, 2, 64, 64), torch.bfloat16, "normal", None, False),
+]
+TIMED = [
+    ("design-1", (8, 2048, 16, 64, 64)),
+    ("design-3", (8, 2048, 16, 128, 128)),
+    ("paper-170M", (4, 4096, 16, 48, 48)),
+    ("mqar-512", (128, 512, 8, 16, 32)),
+]
+
+
+def walk_args(B, T, H, K, V, dtype, gates="normal", cu=None, has_dvar=False, sub=4, seed=0):
+    """The arguments the one-pass backward gives its walk (without the walk's own options)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+    q, k, u = r(1, B * T, H, K), r(1, B * T, H, K) / K**0.5, r(1, B * T, H, V)
+    beta = torch.rand(1, B * T, H, V, device=DEV, generator=g)
+    la = torch.nn.functional.logsigmoid(r(1, B * T, H) + 2.0)
+    ip = torch.rand(H, device=DEV, generator=g) + 0.5
+    if gates == "extreme":
+        sel = torch.rand(1, B * T, H, device=DEV, generator=g)
+        la = torch.where(sel < 0.3, torch.full_like(la, -30.0), torch.where(sel < 0.6, -1e-7 * sel, la))
+        off = torch.rand(beta.shape, device=DEV, generator=g) < 0.3
+        beta = torch.where(off, torch.zeros_like(beta), beta * 50)
+        ip = torch.tensor([1e-4, 1e4] * H, device=DEV)[:H]
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    layout = sequence_layout(1 if cu else B, B * T if cu else T, cu_t, 64, DEV)
+    q, k, u, beta = (x.to(dtype) for x in (q, k, u, beta))
+    BK = max(16, triton.next_power_of_2(K))
+    BV = chunk._bv(V, BK, chunk.CONFIG["states_bv"], floor=16)
+    hm = torch.empty(layout.num_chunks, H, V, K, device=DEV)
+    hi = torch.empty_like(hm)
+    chunk._states_fwd[(triton.cdiv(V, BV), layout.num_seqs * H)](
+        k, u, beta, la, hm, hi, hm, hi, hm, hi, layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, C=64, BK=BK, BV=BV, USE_INIT=False, STORE_FINAL=False, PREC=dot_precision(dtype),
+        num_warps=4,
+    )  # fmt: skip
+    dy, dvar = r(1, B * T, H, V).to(dtype), r(1, B * T, H, V).to(dtype)
+    om = -torch.expm1(la)
+    return (q, k, u, beta, la, om, ip, hm, hi, dy, dvar, has_dvar, K**-0.5, layout, 64, sub)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    lines = [
+        f"# The CUDA walk against the Triton walk\n\n{torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}. Relative error of the CUDA walk's outputs"
+        " against the Triton walk's (S = 4).\n",
+        "| case | (B,T,H,K,V) | dtype | " + " | ".join(OUTPUTS) + " |",
+        "|---|---|---|" + "---|" * len(OUTPUTS),
+    ]
+    worst = 0.0
+    for name, shape, dtype, gates, cu, has_dvar in CASES:
+        xs = walk_args(*shape, dtype, gates, cu, has_dvar)
+        want, got = chunk_onepass._triton_walk(*xs), walk_cuda.walk_bwd(*xs)
+        errs = []
+        for out, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
+            errs.append(rel(a.sum(0), b.sum(0)) if out in ("dc", "dip") else rel(a, b))
+        if dtype == torch.float32:
+            worst = max(worst, *errs)
+        cells = " | ".join(f"{e:.1e}" for e in errs)
+        lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {cells} |")
+        print(lines[-1], flush=True)
+    lines.append(f"\nworst fp32: {worst:.1e}\n")
+    lines.append("| shape (B,T,H,K,V) | Triton walk ms | CUDA walk ms | speed-up |")
+    lines.append("|---|---|---|---|")
+    for name, shape in TIMED:
+        xs = walk_args(*shape, torch.bfloat16)
+        t_tri = do_bench(lambda xs=xs: chunk_onepass._triton_walk(*xs), rep=50, return_mode="median")
+        t_cu = do_bench(lambda xs=xs: walk_cuda.walk_bwd(*xs), rep=50, return_mode="median")
+        lines.append(f"| {name} {shape} | {t_tri:.3f} | {t_cu:.3f} | {t_tri / t_cu:.2f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
