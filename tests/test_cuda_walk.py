@@ -177,3 +177,32 @@ def test_backward_path_follows_head_size(config):
     config["backward"] = "one pass"
     with pytest.raises(ValueError, match="CONFIG\\['backward'\\]"):
         chunk.backward_path(64, 64)
+
+
+def test_auto_falls_back_to_the_triton_walk_once_with_a_warning(config, monkeypatch):
+    """A CUDA walk that cannot run (here: CPU tensors) under "auto" warns once and the Triton walk's
+    gradients come back; under "cuda" it is an error."""
+    monkeypatch.setattr(chunk_onepass, "_use_cuda_walk", lambda *a: True)
+    monkeypatch.setattr(walk_cuda, "_GAVE_UP", [])
+    config.update(backward="one_pass", onepass_walk="auto")
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 70, 1, 16, generator=g), torch.randn(1, 70, 1, 16, generator=g) / 4]
+    xs += [torch.randn(1, 70, 1, 16, generator=g), torch.rand(1, 70, 1, 16, generator=g)]
+    xs += [torch.nn.functional.logsigmoid(torch.randn(1, 70, 1, generator=g) + 2), torch.ones(1)]
+    xs = [x.requires_grad_(True) for x in xs]
+
+    def grads():
+        for x in xs:
+            x.grad = None
+        chunk_palimpsa(*xs)[0].sum().backward()
+        return [x.grad.clone() for x in xs]
+
+    with pytest.warns(UserWarning, match="CUDA tensors"):
+        fallback = grads()
+    assert walk_cuda._GAVE_UP and not walk_cuda.can_run(xs[0], 16, 64, 4)
+    config["onepass_walk"] = "triton"
+    for a, b in zip(fallback, grads(), strict=True):
+        assert torch.equal(a, b)
+    config["onepass_walk"] = "cuda"
+    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="CUDA tensors"):
+        grads()

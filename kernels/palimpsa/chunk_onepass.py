@@ -369,15 +369,20 @@ def onepass_backward(
     N, NT = layout.num_seqs, layout.num_chunks
     BK = max(16, next_pow2(K))
     prec = dot_precision(q.dtype)
+    walk_args = (q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, has_dvar, scale, layout, C)
     if _use_cuda_walk(q, V, C, direct):
         from kernels.palimpsa import walk_cuda  # built with nvcc on first use
 
-        walk = walk_cuda.walk_bwd
+        try:
+            walked = walk_cuda.walk_bwd(*walk_args, CONFIG["onepass_sub"])
+        except walk_cuda.CudaWalkUnavailable as exc:
+            if CONFIG["onepass_walk"] == "cuda":
+                raise
+            walk_cuda.give_up(str(exc))  # "auto": warn once, then the Triton walk from here on
+            walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])
     else:
-        walk = _triton_walk
-    dq, dk, du, db, dc, dip, dhm, dhi, NV = walk(
-        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, has_dvar, scale, layout, C, CONFIG["onepass_sub"]
-    )
+        walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])
+    dq, dk, du, db, dc, dip, dhm, dhi, NV = walked
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
     d0i = torch.empty_like(d0m)

@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,21 @@ def unsupported_reason(K: int, V: int, C: int, dtype: torch.dtype, sub: int) -> 
     return None
 
 
+_GAVE_UP: list[str] = []  # why "auto" stopped trying the CUDA walk in this process (a failed build)
+
+
+def give_up(reason: str) -> None:
+    """Stop ``"auto"`` from trying the CUDA walk again in this process, with one warning that says why."""
+    if not _GAVE_UP:
+        warnings.warn(f"the CUDA walk cannot run ({reason}); using the Triton walk", stacklevel=3)
+    _GAVE_UP.append(reason)
+
+
 def can_run(q: Tensor, V: int, C: int, sub: int) -> bool:
-    """True where ``"auto"`` picks the CUDA walk: a CUDA tensor, an nvcc, and a supported shape."""
-    return (
-        q.is_cuda and nvcc_path() is not None and unsupported_reason(q.shape[-1], V, C, q.dtype, sub) is None
-    )
+    """True where ``"auto"`` picks the CUDA walk: a CUDA tensor, an nvcc, a supported shape, and no failed
+    build earlier in this process."""
+    shape_ok = unsupported_reason(q.shape[-1], V, C, q.dtype, sub) is None
+    return not _GAVE_UP and q.is_cuda and nvcc_path() is not None and shape_ok
 
 
 @dataclass(frozen=True)
