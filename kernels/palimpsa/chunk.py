@@ -377,9 +377,9 @@ CONFIG: dict[str, int | str] = {
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
     "main_sub": 4,
     # "two_pass": steps 3-5 above; "one_pass": chunk_onepass.py (one walk per chunk from a zero adjoint, the
-    # scan, tensor-core corrections); "auto": one_pass from K * V >= AUTO_MIN_STATE. H200: one_pass 1.07x to
-    # 1.16x faster at the design shapes and the 170M layer with either walk in Triton, a tie at MQAR's
-    # (K * V = 512) and slower in its training step (notes.md, runs 7 and 8)
+    # scan, tensor-core corrections); "auto": one_pass from K * V >= AUTO_MIN_STATE. H200, fwd+bwd: one_pass
+    # 1.1x to 1.2x faster at the design shapes and the 170M layer with its Triton walk, 1.8x with the CUDA
+    # walk; a tie at MQAR's (K * V = 512), slower in its training step (notes.md, runs 7 and 8)
     "backward": "auto",
     "onepass_bv": 64,
     "onepass_warps": "auto",
