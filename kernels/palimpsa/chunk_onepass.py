@@ -1,7 +1,9 @@
 """One-pass backward of the chunked Palimpsa op: one elementwise walk per chunk, then tensor-core corrections.
 
-Selected by ``chunk.CONFIG["backward"] = "one_pass"``; ``chunk.py`` holds the forward, the two-pass backward
-and the scan over chunks that both use (math and notation: README.md here).
+Selected by ``chunk.CONFIG["backward"] = "one_pass"`` (and by the default "auto" from K x V = 2048);
+``chunk.py`` holds the forward, the two-pass backward and the scan over chunks that both use (math and
+notation: README.md here). The walk runs in Triton (``_walk_bwd``) or in CUDA C++ (``walk_cuda.py``,
+``CONFIG["onepass_walk"]``).
 
 Why one walk is enough. The decay is one scalar per head and token, so inside a chunk of ``L`` tokens with
 chunk-local cumulative log-decays ``G_t`` the adjoint of the state after token ``t`` splits exactly into
