@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def config():
+    """The Triton kernels' ``chunk.CONFIG``, restored after the test (tests change launch and backward
+    settings through it)."""
+    from kernels.palimpsa import chunk  # imported late: the interpreter switch above comes first
+
+    saved = dict(chunk.CONFIG)
+    yield chunk.CONFIG
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(saved)

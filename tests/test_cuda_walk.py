@@ -30,14 +30,6 @@ from kernels.palimpsa.utils import sequence_layout  # noqa: E402
 OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
 
 
-@pytest.fixture
-def config():
-    saved = dict(chunk.CONFIG)
-    yield chunk.CONFIG
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(saved)
-
-
 def walk_inputs(B, T, H, K, V, dtype=torch.float32, gates="normal", cu=None, seed=0):
     """What the one-pass backward hands its walk: inputs, the forward's boundary states, the upstream
     gradients."""

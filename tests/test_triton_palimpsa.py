@@ -33,15 +33,6 @@ BACKWARDS = {
 }
 
 
-@pytest.fixture
-def config():
-    """``chunk.CONFIG``, restored after the test."""
-    saved = dict(chunk.CONFIG)
-    yield chunk.CONFIG
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(saved)
-
-
 @pytest.fixture(params=[1, 3, 4], ids=["walk-sub1", "walk-sub3", "walk-sub4"])
 def reverse_walk(request, config):
     """Every backward case runs several sub-chunk lengths of the backward walks (``main_sub``,
