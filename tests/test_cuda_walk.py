@@ -23,46 +23,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
 
 import cuda_emulator  # noqa: E402
 
+from kernels.benchmarks.check_cuda_walk import rel, walk_args  # noqa: E402
 from kernels.palimpsa import chunk, chunk_onepass, naive_recurrent_palimpsa, walk_cuda  # noqa: E402
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
-from kernels.palimpsa.utils import sequence_layout  # noqa: E402
 
+CPU = torch.device("cpu")
 OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
-
-
-def walk_inputs(B, T, H, K, V, dtype=torch.float32, gates="normal", cu=None, seed=0):
-    """What the one-pass backward hands its walk: inputs, the forward's boundary states, the upstream
-    gradients."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, k, u = r(1, B * T, H, K), r(1, B * T, H, K) / K**0.5, r(1, B * T, H, V)
-    beta = torch.rand(1, B * T, H, V, generator=g)
-    la = torch.nn.functional.logsigmoid(r(1, B * T, H) + 2.0)
-    ip = torch.rand(H, generator=g) + 0.5
-    if gates == "extreme":  # alpha = e^-30 next to 1 - 1e-7, beta 0 or large, Ip 1e-4 next to 1e4
-        sel = torch.rand(1, B * T, H, generator=g)
-        la = torch.where(sel < 0.3, torch.full_like(la, -30.0), torch.where(sel < 0.6, -1e-7 * sel, la))
-        off = torch.rand(beta.shape, generator=g) < 0.3
-        beta = torch.where(off, torch.zeros_like(beta), beta * 50)
-        ip = torch.tensor([1e-4, 1e4] * H)[:H]
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    layout = sequence_layout(1 if cu else B, B * T if cu else T, cu_t, 64, torch.device("cpu"))
-    q, k, u, beta = (x.to(dtype) for x in (q, k, u, beta))
-    BK = max(16, triton.next_power_of_2(K))
-    BV = chunk._bv(V, BK, chunk.CONFIG["states_bv"], floor=16)
-    hm = torch.empty(layout.num_chunks, H, V, K)
-    hi = torch.empty_like(hm)
-    chunk._states_fwd[(triton.cdiv(V, BV), layout.num_seqs * H)](
-        k, u, beta, la, hm, hi, hm, hi, hm, hi, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, K=K, V=V, C=64, BK=BK, BV=BV, USE_INIT=False, STORE_FINAL=False, PREC="ieee", num_warps=4,
-    )  # fmt: skip
-    dy, dvar = r(1, B * T, H, V).to(dtype), r(1, B * T, H, V).to(dtype)
-    return (q, k, u, beta, la, -torch.expm1(la), ip, hm, hi, dy, dvar), layout
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 WALK_CASES = {
@@ -80,8 +46,7 @@ WALK_CASES = {
 @pytest.mark.parametrize("case", list(WALK_CASES))
 def test_cuda_walk_matches_the_triton_walk(case):
     shape, dtype, gates, cu, has_dvar, sub = WALK_CASES[case]
-    xs, layout = walk_inputs(*shape, dtype=dtype, gates=gates, cu=cu)
-    args = (*xs, has_dvar, shape[3] ** -0.5, layout, 64, sub)
+    args = walk_args(*shape, dtype, gates, cu, has_dvar, sub, device=CPU)
     want = chunk_onepass._triton_walk(*args)
     got = walk_cuda.walk_bwd(*args, launcher=cuda_emulator.launch)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the stored gradients round differently
@@ -137,7 +102,8 @@ def test_whole_backward_with_the_cuda_walk_matches_float64(config, monkeypatch):
 
 
 def test_walk_choice_is_checked(config):
-    xs, layout = walk_inputs(1, 64, 1, 16, 16)
+    args = walk_args(1, 64, 1, 16, 16, torch.float32, device=CPU)
+    xs = args[:11]
     config["onepass_walk"] = "fast"
     with pytest.raises(ValueError, match="onepass_walk"):
         chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False)
@@ -145,7 +111,7 @@ def test_walk_choice_is_checked(config):
     with pytest.raises(walk_cuda.CudaWalkUnavailable, match="identity"):
         chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=True)
     with pytest.raises(walk_cuda.CudaWalkUnavailable, match="CUDA tensors"):
-        walk_cuda.walk_bwd(*xs, False, 0.25, layout, 64, 4)
+        walk_cuda.walk_bwd(*args)
     config["onepass_walk"] = "auto"  # no GPU here: the Triton walk
     assert chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False) is False
 

@@ -42,26 +42,28 @@ TIMED = [
 ]
 
 
-def walk_args(B, T, H, K, V, dtype, gates="normal", cu=None, has_dvar=False, sub=4, seed=0):
-    """The arguments the one-pass backward gives its walk (without the walk's own options)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+def walk_args(B, T, H, K, V, dtype, gates="normal", cu=None, has_dvar=False, sub=4, seed=0, device=DEV):
+    """The arguments the one-pass backward gives its walk: fresh random inputs (extreme gates: alpha = e^-30
+    next to 1 - 1e-7, beta 0 or large, Ip 1e-4 next to 1e4), the forward's boundary states, random upstream
+    gradients. Also the tests' inputs, on the CPU."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
     q, k, u = r(1, B * T, H, K), r(1, B * T, H, K) / K**0.5, r(1, B * T, H, V)
-    beta = torch.rand(1, B * T, H, V, device=DEV, generator=g)
+    beta = torch.rand(1, B * T, H, V, device=device, generator=g)
     la = torch.nn.functional.logsigmoid(r(1, B * T, H) + 2.0)
-    ip = torch.rand(H, device=DEV, generator=g) + 0.5
+    ip = torch.rand(H, device=device, generator=g) + 0.5
     if gates == "extreme":
-        sel = torch.rand(1, B * T, H, device=DEV, generator=g)
+        sel = torch.rand(1, B * T, H, device=device, generator=g)
         la = torch.where(sel < 0.3, torch.full_like(la, -30.0), torch.where(sel < 0.6, -1e-7 * sel, la))
-        off = torch.rand(beta.shape, device=DEV, generator=g) < 0.3
+        off = torch.rand(beta.shape, device=device, generator=g) < 0.3
         beta = torch.where(off, torch.zeros_like(beta), beta * 50)
-        ip = torch.tensor([1e-4, 1e4] * H, device=DEV)[:H]
-    cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
-    layout = sequence_layout(1 if cu else B, B * T if cu else T, cu_t, 64, DEV)
+        ip = torch.tensor([1e-4, 1e4] * H, device=device)[:H]
+    cu_t = None if cu is None else torch.tensor(cu, device=device, dtype=torch.int32)
+    layout = sequence_layout(1 if cu else B, B * T if cu else T, cu_t, 64, device)
     q, k, u, beta = (x.to(dtype) for x in (q, k, u, beta))
     BK = max(16, triton.next_power_of_2(K))
     BV = chunk._bv(V, BK, chunk.CONFIG["states_bv"], floor=16)
-    hm = torch.empty(layout.num_chunks, H, V, K, device=DEV)
+    hm = torch.empty(layout.num_chunks, H, V, K, device=device)
     hi = torch.empty_like(hm)
     chunk._states_fwd[(triton.cdiv(V, BV), layout.num_seqs * H)](
         k, u, beta, la, hm, hi, hm, hi, hm, hi, layout.cu_seqlens, layout.chunk_offsets,
