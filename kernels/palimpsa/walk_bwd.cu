@@ -8,7 +8,8 @@
 // R x 4 patch of the [V, K] state, the per-token sums of S tokens go through shared memory together (two
 // barriers per S tokens), the state before each group of S tokens is rebuilt from a checkpoint kept in
 // shared memory every 16 tokens instead of by a product from the chunk's start, and each 16-token block's
-// inputs are loaded into shared memory once (one round trip to memory a block, not one a token).
+// inputs are loaded into shared memory once, as fp32 (one round trip to memory a block, not one a token, and
+// one conversion a value, not one for every thread that reads it).
 //
 // Compile-time configuration (nvcc -D...; walk_cuda.py builds one binary per configuration):
 //   KP    K padded to a power of two (16..128)     BV   value rows of a block (a multiple of 32)
@@ -55,25 +56,35 @@ __device__ __forceinline__ void put(float* p, float x) { *p = x; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 __device__ __forceinline__ void put(__half* p, float x) { *p = __float2half_rn(x); }
 
-// four consecutive staged values (shared memory, zero-padded, 8- or 16-byte aligned)
+// four consecutive staged values (shared memory, zero-padded, 16-byte aligned)
 __device__ __forceinline__ void lds4(const float* p, float o[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
 }
-template <typename T2, typename T>
-__device__ __forceinline__ void lds4_16(const T* p, float o[4]) {
-  const uint2 v = *reinterpret_cast<const uint2*>(p);
-  const T2 a = *reinterpret_cast<const T2*>(&v.x);
-  const T2 b = *reinterpret_cast<const T2*>(&v.y);
-  o[0] = f32(a.x); o[1] = f32(a.y); o[2] = f32(b.x); o[3] = f32(b.y);
-}
-__device__ __forceinline__ void lds4(const __nv_bfloat16* p, float o[4]) { lds4_16<__nv_bfloat162>(p, o); }
-__device__ __forceinline__ void lds4(const __half* p, float o[4]) { lds4_16<__half2>(p, o); }
 
 // R consecutive value rows (R a multiple of 4)
-__device__ __forceinline__ void lds_rows(const in_t* p, float o[R]) {
+__device__ __forceinline__ void lds_rows(const float* p, float o[R]) {
 #pragma unroll
   for (int i = 0; i < R; i += 4) lds4(p + i, o + i);
+}
+
+// 16 bytes of inputs (8 values of 16 bits or 4 of fp32) as fp32
+constexpr int VEC = 16 / sizeof(in_t);
+__device__ __forceinline__ void load_vec(const in_t* p, float o[VEC]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const in_t* x = reinterpret_cast<const in_t*>(&v);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = f32(x[i]);
+}
+
+__device__ __forceinline__ float fexp(float x) {  // e^x on the special-function unit, denormals flushed
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  return r;
+#else
+  return expf(x);
+#endif
 }
 
 __device__ __forceinline__ float rcp(float x) {  // 1 / x on the special-function unit (x > 0: a precision)
@@ -103,14 +114,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
   float* gcs = colbuf + S * RG * KP * 2;                    // [C] chunk-local cumulative log decay
   float* als = gcs + C;                                     // [C] alpha
   float* cps = als + C;                                     // [C] (1 - alpha) Ip
-  // one 16-token block's inputs, zero past the chunk, K and V: [16][KP] q, k; [16][BV] u, beta, dy, dvar
-  in_t* stage = reinterpret_cast<in_t*>(cps + C);
-  in_t* sq = stage;
-  in_t* sk = sq + BLOCK * KP;
-  in_t* su = sk + BLOCK * KP;
-  in_t* sb = su + BLOCK * BV;
-  in_t* sy = sb + BLOCK * BV;
-  in_t* sw = sy + BLOCK * BV;  // (only with HAS_DVAR)
+  // one 16-token block's inputs as fp32, zero past the chunk, K and V: [16][KP] q, k; [16][BV] u, beta, dy, dvar
+  float* sq = cps + C;
+  float* sk = sq + BLOCK * KP;
+  float* su = sk + BLOCK * KP;
+  float* sb = su + BLOCK * BV;
+  float* sy = sb + BLOCK * BV;
+  float* sw = sy + BLOCK * BV;  // (only with HAS_DVAR)
 
   const int iv = blockIdx.x, ic = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, rg = tid / LR, j = tid % LR;
@@ -149,49 +159,55 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
   const int64_t sbase = ((int64_t)ic * H + h) * V * K;  // this chunk's boundary state
   auto state_index = [&](int e) -> int64_t { return sbase + (int64_t)(v0 + e / CT) * K + c0 + e % CT; };
   auto state_ok = [&](int e) -> bool { return v0 + e / CT < V && c0 + e % CT < K; };
+  // 16-byte loads where every row starts on 16 bytes (else one value at a time)
+  const bool vec = K % VEC == 0 && V % VEC == 0 &&
+                   (((uintptr_t)q | (uintptr_t)k | (uintptr_t)u | (uintptr_t)beta | (uintptr_t)dy |
+                     (HAS_DVAR ? (uintptr_t)dvar : 0)) % 16) == 0;
+  // rows [16][NC] of one input from column col0 on, as fp32; zero past the chunk and past `bound` columns
+  auto stage_rows = [&](float* dst, const in_t* src, int NC, int64_t width, int col0, int bound, int b) {
+    const int groups = NC / VEC;
+    for (int x = tid; x < BLOCK * groups; x += THREADS) {
+      const int t = x / groups, cv = (x % groups) * VEC, tc = b * BLOCK + t, col = col0 + cv;
+      const in_t* row = src + ((t0 + tc) * H + h) * width;
+      float o[VEC];
+      if (tc < L && vec && col + VEC <= bound) {
+        load_vec(row + col, o);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = tc < L && col + i < bound ? f32(row[col + i]) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; i += 4)
+        *reinterpret_cast<float4*>(dst + t * NC + cv + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
+    }
+  };
   // load block b's inputs into the stage: every thread's loads in flight at once, one round trip a block
   int staged = -1;
   auto stage_block = [&](int b) {
     if (b == staged) return;
     staged = b;
     __syncthreads();  // everyone is done with the previous block
-    constexpr int NROW = HAS_DVAR ? 4 : 3;
-    constexpr int N = BLOCK * (2 * KP + NROW * BV);
-    for (int x = tid; x < N; x += THREADS) {
-      int t, col;
-      const in_t* src;
-      int64_t width;
-      int bound;
-      if (x < 2 * BLOCK * KP) {
-        t = (x / KP) % BLOCK, col = x % KP;
-        src = x < BLOCK * KP ? q : k, width = K, bound = K;
-      } else {
-        const int y = x - 2 * BLOCK * KP, which = y / (BLOCK * BV);
-        t = (y / BV) % BLOCK, col = iv * BV + y % BV;
-        src = which == 0 ? u : which == 1 ? beta : which == 2 ? dy : dvar, width = V, bound = V;
-      }
-      const int tc = b * BLOCK + t;
-      if (tc < L && col < bound) {
-        stage[x] = src[((t0 + tc) * H + h) * width + col];
-      } else {
-        put(stage + x, 0.f);
-      }
-    }
+    stage_rows(sq, q, KP, K, 0, K, b);
+    stage_rows(sk, k, KP, K, 0, K, b);
+    stage_rows(su, u, BV, V, iv * BV, V, b);
+    stage_rows(sb, beta, BV, V, iv * BV, V, b);
+    stage_rows(sy, dy, BV, V, iv * BV, V, b);
+    if (HAS_DVAR) stage_rows(sw, dvar, BV, V, iv * BV, V, b);
     __syncthreads();
   };
-  auto at_k = [&](const in_t* a, int t) { return a + (t % BLOCK) * KP + c0; };
-  auto at_v = [&](const in_t* a, int t) { return a + (t % BLOCK) * BV + rg * R; };
+  auto at_k = [&](const float* a, int t) { return a + (t & (BLOCK - 1)) * KP + c0; };
+  auto at_v = [&](const float* a, int t) { return a + (t & (BLOCK - 1)) * BV + rg * R; };
 
   // state after token `end - 1` from the state X after token `start - 1` (both chunk-local), by rank-one sums:
   // X e^{G(end-1) - G(start-1)} + sum_j e^{G(end-1) - G(j)} (u_j k_j, beta_j k_j^2); every weight is <= 1
   auto advance = [&](float M[E], float Ib[E], int start, int end) {
     const float g_end = gcs[end - 1];
-    const float d = __expf(g_end - (start > 0 ? gcs[start - 1] : 0.f));
+    const float d = fexp(g_end - (start > 0 ? gcs[start - 1] : 0.f));
 #pragma unroll
     for (int e = 0; e < E; ++e) { M[e] *= d; Ib[e] *= d; }
 #pragma unroll 4
     for (int t = start; t < end; ++t) {
-      const float w = __expf(g_end - gcs[t]);
+      const float w = fexp(g_end - gcs[t]);
       float kc[CT], ur[R], br[R];
       lds4(at_k(sk, t), kc);
       lds_rows(at_v(su, t), ur);
@@ -308,14 +324,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
           const int x = i * CT + e;
           const float rc = rcp(Is[s][x]);
           const float mu = Ms[s][x] * rc;
-          const float d_m = sd * rc * qc[e];
+          const float d_m = (sd * rc) * qc[e];
           float d_i = -d_m * mu;
-          float x_q = sd * mu;
+          cq[e] = fmaf(sd, mu, cq[e]);  // dq: sum_v sd_v mu_v (+ the variance's term)
           if (HAS_DVAR) {
             const float wr = ws * rc;
             const float x_v = wr * (qc[e] * qc[e]);
             d_i -= x_v * rc;
-            x_q = fmaf(2.f * qc[e], wr, x_q);
+            cq[e] = fmaf(2.f * qc[e], wr, cq[e]);
             r_v += x_v;
           }
           gm[x] = fmaf(a_next, gm[x], d_m);
@@ -325,7 +341,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
           r_z += d_i;
           ca[e] = fmaf(gm[x], ur[i], ca[e]);
           cb[e] = fmaf(gi[x], br[i], cb[e]);
-          cq[e] += x_q;
         }
         rsum[i][0] = r_du; rsum[i][1] = r_db; rsum[i][2] = r_z; rsum[i][3] = r_v;
       }
@@ -359,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
           put(du + o, acc.x);
           put(db + o, acc.y);
           // this row of dL/dc_t = -Ip z_t - <dvar_t, var_t> - <u_t, du_t> - <beta_t, dbeta_t>
-          const float uo = f32(su[(t % BLOCK) * BV + v]), bo = f32(sb[(t % BLOCK) * BV + v]);
+          const float uo = su[(t & (BLOCK - 1)) * BV + v], bo = sb[(t & (BLOCK - 1)) * BV + v];
           term = p * acc.z + acc.w + uo * acc.x + bo * acc.y;
           zacc += (double)acc.z;
         }

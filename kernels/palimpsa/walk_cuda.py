@@ -103,8 +103,8 @@ class WalkShape:
         lr, rg = self.KP // 4, self.BV // ROWS_PER_THREAD
         floats = 64 + (CHUNK // 16 - 1) * 2 * E * self.threads + self.S * lr * (self.BV + 1) * 4
         floats += self.S * rg * self.KP * 2 + 3 * CHUNK
-        staged = 16 * (2 * self.KP + (4 if self.has_dvar else 3) * self.BV)  # one block's inputs
-        return 4 * floats + staged * (4 if self.in_t == 0 else 2)
+        floats += 16 * (2 * self.KP + (4 if self.has_dvar else 3) * self.BV)  # one block's inputs, as fp32
+        return 4 * floats
 
     def defines(self) -> list[str]:
         values = {
