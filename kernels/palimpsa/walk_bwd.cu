@@ -362,7 +362,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
         const int t = s0 + s;
         if (t >= L) continue;  // (a warp's row tasks share their token)
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll
         for (int jl = 0; jl < LR; ++jl) {
           const float4 x = reinterpret_cast<const float4*>(rowbuf)[(s * LR + jl) * (BV + 1) + v];
           acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
@@ -387,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
         const int t = s0 + s;
         if (t >= L || c >= K) continue;
         float2 acc = make_float2(0.f, 0.f);
-#pragma unroll 8
+#pragma unroll
         for (int r = 0; r < RG; ++r) {
           const float2 x = reinterpret_cast<const float2*>(colbuf)[(s * RG + r) * KP + c];
           acc.x += x.x; acc.y += x.y;
