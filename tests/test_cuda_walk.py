@@ -23,8 +23,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
 
 import cuda_emulator  # noqa: E402
 
-from kernels.benchmarks.check_cuda_walk import rel, walk_args  # noqa: E402
-from kernels.palimpsa import chunk, chunk_onepass, naive_recurrent_palimpsa, walk_cuda  # noqa: E402
+from kernels.benchmarks.check_cuda import rel, walk_args  # noqa: E402
+from kernels.palimpsa import chunk, chunk_onepass, cuda_build, naive_recurrent_palimpsa, walk_cuda  # noqa: E402
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -108,9 +108,9 @@ def test_walk_choice_is_checked(config):
     with pytest.raises(ValueError, match="onepass_walk"):
         chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False)
     config["onepass_walk"] = "cuda"
-    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="identity"):
+    with pytest.raises(walk_cuda.CudaUnavailable, match="identity"):
         chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=True)
-    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="CUDA tensors"):
+    with pytest.raises(walk_cuda.CudaUnavailable, match="CUDA tensors"):
         walk_cuda.walk_bwd(*args)
     config["onepass_walk"] = "auto"  # no GPU here: the Triton walk
     assert chunk_onepass._use_cuda_walk(xs[0], 16, 64, direct=False) is False
@@ -141,7 +141,7 @@ def test_auto_falls_back_to_the_triton_walk_once_with_a_warning(config, monkeypa
     """A CUDA walk that cannot run (here: CPU tensors) under "auto" warns once and the Triton walk's
     gradients come back; under "cuda" it is an error."""
     monkeypatch.setattr(chunk_onepass, "_use_cuda_walk", lambda *a: True)
-    monkeypatch.setattr(walk_cuda, "_GAVE_UP", [])
+    monkeypatch.setattr(cuda_build, "_GAVE_UP", [])
     config.update(backward="one_pass", onepass_walk="auto")
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(1, 70, 1, 16, generator=g), torch.randn(1, 70, 1, 16, generator=g) / 4]
@@ -157,10 +157,10 @@ def test_auto_falls_back_to_the_triton_walk_once_with_a_warning(config, monkeypa
 
     with pytest.warns(UserWarning, match="CUDA tensors"):
         fallback = grads()
-    assert walk_cuda._GAVE_UP and not walk_cuda.can_run(xs[0], 16, 64, 4)
+    assert cuda_build._GAVE_UP and not walk_cuda.can_run(xs[0], 16, 64, 4)
     config["onepass_walk"] = "triton"
     for a, b in zip(fallback, grads(), strict=True):
         assert torch.equal(a, b)
     config["onepass_walk"] = "cuda"
-    with pytest.raises(walk_cuda.CudaWalkUnavailable, match="CUDA tensors"):
+    with pytest.raises(walk_cuda.CudaUnavailable, match="CUDA tensors"):
         grads()

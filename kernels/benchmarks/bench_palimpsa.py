@@ -15,12 +15,14 @@ fla 0.6.0 refuses the gated chunk backward on Hopper with Triton < 3.7.1 (fla is
 there are wrong). For TIMING only this script lifts that guard by setting the module flag the check reads;
 nothing here uses those gradients, and training must never do this.
 
-Our op runs once per backward variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, read
-at the backward): ``palimpsa_triton`` as shipped (``"auto"``: from K * V = 2048 the one-pass backward with
-the CUDA walk where nvcc is found, below it the two-pass backward), ``_twopass`` the two-pass backward,
-``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the identity) with
-its Triton walk, ``palimpsa_cuda_walk`` the same with its walk in CUDA C++ (``walk_bwd.cu``; ``_sub2``:
-S = 2), ``_onepass_direct`` the same with the per-element d log alpha, the neighbouring sub-chunk lengths of
+Our op runs once per variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, set at the
+forward): ``palimpsa_triton`` as shipped (``"auto"``: the forward read-out in CUDA C++ where nvcc is found;
+from K * V = 2048 the one-pass backward with the CUDA walk, below it the two-pass backward),
+``_triton_only`` the same with Triton kernels only (what runs without nvcc), ``_twopass`` the two-pass
+backward, ``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the
+identity) with its Triton walk, ``palimpsa_cuda_walk`` the one-pass backward with its walk in CUDA C++
+(``walk_bwd.cu``) at every head size (``_sub2``: S = 2), ``_onepass_direct`` the same with the per-element
+d log alpha, the neighbouring sub-chunk lengths of
 each Triton walk (``_sub2``, ``_sub8``, ``_onepass_sub2``, ``_onepass_sub8``), and both Triton paths at the
 fixed launch widths that preceded ``"auto"`` warps (``_fixedwarps``). Each record carries its ``config``
 and the per-kernel times of one step. Rows run in priority order (the first four variants and GDN on every
@@ -91,9 +93,10 @@ def fla_inputs(B, T, H, K, V, kind):
 FIXED_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
 VARIANTS: dict[str, dict] = {
     "palimpsa_triton": {},
+    "palimpsa_triton_only": {"out_kernel": "triton", "onepass_walk": "triton"},
+    "palimpsa_cuda_walk": {"backward": "one_pass", "onepass_walk": "cuda"},
     "palimpsa_triton_twopass": {"backward": "two_pass"},
     "palimpsa_triton_onepass": {"backward": "one_pass", "onepass_walk": "triton"},
-    "palimpsa_cuda_walk": {"backward": "one_pass", "onepass_walk": "cuda"},
     "palimpsa_triton_onepass_direct": {"backward": "one_pass", "onepass_dla": "direct"},
     "palimpsa_cuda_walk_sub2": {"backward": "one_pass", "onepass_walk": "cuda", "onepass_sub": 2},
     "palimpsa_triton_sub2": {"backward": "two_pass", "main_sub": 2},

@@ -11,7 +11,8 @@ Forward
      ``I = Ibar + Ip``, whose update takes the prior as one scalar per token, ``(1 - alpha_t) Ip`` (from
      ``expm1``, exact near ``alpha = 1``), so the read-out needs no add; and ``1 / I`` is one special-function
      op (``rcp.approx``) when compiled. Per element and token: 4 FP32 ops for the two state updates, 2 for
-     ``M / I`` into ``y``, one reciprocal.
+     ``M / I`` into ``y``, one reciprocal. Where nvcc is found the same step runs in CUDA C++
+     (``output_fwd.cu``, ``CONFIG["out_kernel"]``), whose token sums over K finish inside a warp.
 
 Backward: two paths, chosen by ``CONFIG["backward"]`` (by default by head size, ``backward_path``). The
 two-pass one is steps 3-5 below; the one-pass one (``chunk_onepass.py``) walks each chunk once from a zero
@@ -368,6 +369,9 @@ CONFIG: dict[str, int | str] = {
     "states_bv": 64,
     "out_bv": 32,
     "out_warps": "auto",
+    # the forward read-out (step 2): "triton" (_output_fwd), "cuda" (output_fwd.cu, built with nvcc on first
+    # use; chunk_size a multiple of 16, K <= 128) or "auto" (CUDA where it can run, else Triton)
+    "out_kernel": "auto",
     "local_bv": 32,
     "local_warps": "auto",
     "main_bv": 64,
@@ -431,6 +435,50 @@ def _bv(V: int, BK: int, cap: int, floor: int = 8) -> int:
     return min(max(next_pow2(V), floor), cap)
 
 
+def _use_cuda_read_out(q: Tensor, k: Tensor, u: Tensor, beta: Tensor, C: int) -> bool:
+    """``CONFIG["out_kernel"]``: "triton", "cuda" (an error where it cannot run) or "auto"."""
+    choice = CONFIG["out_kernel"]
+    if choice not in ("triton", "cuda", "auto"):
+        raise ValueError(f"CONFIG['out_kernel'] is 'triton', 'cuda' or 'auto'; got {choice!r}")
+    if choice == "triton":
+        return False
+    from kernels.palimpsa import output_cuda
+
+    return choice == "cuda" or output_cuda.can_run(q, k, u, beta, C)
+
+
+def _triton_read_out(
+    q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor, hm: Tensor,
+    hi: Tensor, y: Tensor, var: Tensor | None, scale: float, layout: SequenceLayout, C: int,
+) -> None:  # fmt: skip
+    _, _, H, K = q.shape
+    V = u.shape[-1]
+    BK = max(16, next_pow2(K))
+    BVo = _bv(V, BK, CONFIG["out_bv"])
+    _output_fwd[(triton.cdiv(V, BVo), layout.num_chunks, H)](
+        q, k, u, beta, log_alpha, om, ip, hm, hi, y, y if var is None else var,
+        layout.cu_seqlens, layout.chunk_index, scale,
+        H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=var is not None, FAST_RCP=q.is_cuda,
+        num_warps=num_warps("out_warps", BK, BVo),
+    )  # fmt: skip
+
+
+def _read_out(*args) -> None:
+    """Step 2: ``y`` (and ``var``) from the chunk-boundary states, in CUDA C++ or in Triton (arguments as
+    ``_triton_read_out``)."""
+    q, k, u, beta = args[:4]
+    if _use_cuda_read_out(q, k, u, beta, args[-1]):
+        from kernels.palimpsa import cuda_build, output_cuda  # built with nvcc on first use
+
+        try:
+            return output_cuda.output_fwd(*args)
+        except cuda_build.CudaUnavailable as exc:
+            if CONFIG["out_kernel"] == "cuda":
+                raise
+            cuda_build.give_up(str(exc))  # "auto": warn once, then the Triton kernels from here on
+    return _triton_read_out(*args)
+
+
 class ChunkPalimpsaFunction(torch.autograd.Function):
     """Autograd wrapper over the chunked kernels on raw states ``(M, Ibar)``; ``Ip`` is a per-head tensor."""
 
@@ -456,13 +504,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         y = torch.empty_like(u, dtype=q.dtype)
         var = torch.empty_like(y) if output_variance else None
         om = -torch.expm1(log_alpha.float())  # 1 - alpha, exact where alpha is near 1 ([1, T, H], fp32)
-        BVo = _bv(V, BK, CONFIG["out_bv"])
-        _output_fwd[(triton.cdiv(V, BVo), NT, H)](
-            q, k, u, beta, log_alpha, om, ip, hm, hi, y, var if output_variance else y,
-            layout.cu_seqlens, layout.chunk_index, scale,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BVo, STORE_VAR=output_variance, FAST_RCP=q.is_cuda,
-            num_warps=num_warps("out_warps", BK, BVo),
-        )  # fmt: skip
+        _read_out(q, k, u, beta, log_alpha, om, ip, hm, hi, y, var, scale, layout, C)
         ctx.save_for_backward(q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi)
         ctx.meta = (scale, layout, C, use_init, output_final)
         return y, var, hTm, hTi

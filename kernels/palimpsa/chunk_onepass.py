@@ -314,7 +314,7 @@ def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
 
     if choice == "cuda":
         if direct:
-            raise walk_cuda.CudaWalkUnavailable("the CUDA walk computes d log alpha by the identity only")
+            raise walk_cuda.CudaUnavailable("the CUDA walk computes d log alpha by the identity only")
         return True
     big = q.shape[-1] * V >= AUTO_MIN_STATE
     return big and not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
@@ -373,14 +373,14 @@ def onepass_backward(
     prec = dot_precision(q.dtype)
     walk_args = (q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, has_dvar, scale, layout, C)
     if _use_cuda_walk(q, V, C, direct):
-        from kernels.palimpsa import walk_cuda  # built with nvcc on first use
+        from kernels.palimpsa import cuda_build, walk_cuda  # built with nvcc on first use
 
         try:
             walked = walk_cuda.walk_bwd(*walk_args, CONFIG["onepass_sub"])
-        except walk_cuda.CudaWalkUnavailable as exc:
+        except walk_cuda.CudaUnavailable as exc:
             if CONFIG["onepass_walk"] == "cuda":
                 raise
-            walk_cuda.give_up(str(exc))  # "auto": warn once, then the Triton walk from here on
+            cuda_build.give_up(str(exc))  # "auto": warn once, then the Triton walk from here on
             walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])
     else:
         walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])

@@ -17,85 +17,23 @@
 //   C     chunk length (64)                        IN_T input dtype: 0 fp32, 1 bf16, 2 fp16
 //   HAS_DVAR  the variance has a gradient          ATOMIC  dk, dq are fp32 sums over V blocks
 //   MINB  blocks a multiprocessor should hold at once (caps the registers a thread)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "cuda_common.cuh"
 
-#ifndef MINB
-#define MINB 1  // blocks a multiprocessor should hold (registers a thread: at most 65536 / (THREADS * MINB))
-#endif
-
-#if IN_T == 0
-typedef float in_t;
-#elif IN_T == 1
-typedef __nv_bfloat16 in_t;
-#else
-typedef __half in_t;
-#endif
 #if ATOMIC
 typedef float kq_t;  // dk, dq: partial sums of one V block, added across blocks
 #else
 typedef in_t kq_t;
 #endif
 
-constexpr int CT = 4;                // key columns a thread
 constexpr int LR = KP / CT;          // threads across one row group (one row of the state)
 constexpr int RG = BV / R;           // row groups a block
 constexpr int THREADS = RG * LR;
 constexpr int E = R * CT;            // state elements a thread
-constexpr int BLOCK = 16;            // checkpoint spacing in tokens
+static_assert(BLOCK == 16, "checkpoints every 16 tokens: one staged block");
 constexpr int NCK = C / BLOCK - 1;   // checkpoints kept in shared memory (the chunk's start is in global memory)
 static_assert(BLOCK % S == 0, "S must divide 16");
 static_assert(BV % 32 == 0, "a warp's row sums must belong to one token");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "bad block shape");
-
-__device__ __forceinline__ float f32(float x) { return x; }
-__device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ void put(float* p, float x) { *p = x; }
-__device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void put(__half* p, float x) { *p = __float2half_rn(x); }
-
-// four consecutive staged values (shared memory, zero-padded, 16-byte aligned)
-__device__ __forceinline__ void lds4(const float* p, float o[4]) {
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
-}
-
-// R consecutive value rows (R a multiple of 4)
-__device__ __forceinline__ void lds_rows(const float* p, float o[R]) {
-#pragma unroll
-  for (int i = 0; i < R; i += 4) lds4(p + i, o + i);
-}
-
-// 16 bytes of inputs (8 values of 16 bits or 4 of fp32) as fp32
-constexpr int VEC = 16 / sizeof(in_t);
-__device__ __forceinline__ void load_vec(const in_t* p, float o[VEC]) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const in_t* x = reinterpret_cast<const in_t*>(&v);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) o[i] = f32(x[i]);
-}
-
-__device__ __forceinline__ float fexp(float x) {  // e^x on the special-function unit, denormals flushed
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
-  return r;
-#else
-  return expf(x);
-#endif
-}
-
-__device__ __forceinline__ float rcp(float x) {  // 1 / x on the special-function unit (x > 0: a precision)
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#else  // compiled for the host (the CPU emulation the tests run)
-  return 1.f / x;
-#endif
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ u,
@@ -105,7 +43,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     kq_t* __restrict__ dk, in_t* __restrict__ du, in_t* __restrict__ db, float* __restrict__ dc,
     double* __restrict__ dip, float* __restrict__ lm, float* __restrict__ li, const int* __restrict__ cu,
     const int* __restrict__ chunk_index, float scale, int TT, int H, int K, int V, int NT) {
-  static_assert(R % 4 == 0, "rows a thread come in fours");
   extern __shared__ __align__(16) float smem[];
   double* zred = reinterpret_cast<double*>(smem);           // [THREADS / 32] the Ip gradient, per warp
   float* ck = smem + 2 * 32;                                // [NCK][2][E][THREADS] checkpoints (thread-private)
@@ -159,40 +96,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
   const int64_t sbase = ((int64_t)ic * H + h) * V * K;  // this chunk's boundary state
   auto state_index = [&](int e) -> int64_t { return sbase + (int64_t)(v0 + e / CT) * K + c0 + e % CT; };
   auto state_ok = [&](int e) -> bool { return v0 + e / CT < V && c0 + e % CT < K; };
-  // 16-byte loads where every row starts on 16 bytes (else one value at a time)
-  const bool vec = K % VEC == 0 && V % VEC == 0 &&
-                   (((uintptr_t)q | (uintptr_t)k | (uintptr_t)u | (uintptr_t)beta | (uintptr_t)dy |
-                     (HAS_DVAR ? (uintptr_t)dvar : 0)) % 16) == 0;
-  // rows [16][NC] of one input from column col0 on, as fp32; zero past the chunk and past `bound` columns
-  auto stage_rows = [&](float* dst, const in_t* src, int NC, int64_t width, int col0, int bound, int b) {
-    const int groups = NC / VEC;
-    for (int x = tid; x < BLOCK * groups; x += THREADS) {
-      const int t = x / groups, cv = (x % groups) * VEC, tc = b * BLOCK + t, col = col0 + cv;
-      const in_t* row = src + ((t0 + tc) * H + h) * width;
-      float o[VEC];
-      if (tc < L && vec && col + VEC <= bound) {
-        load_vec(row + col, o);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = tc < L && col + i < bound ? f32(row[col + i]) : 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < VEC; i += 4)
-        *reinterpret_cast<float4*>(dst + t * NC + cv + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);
-    }
-  };
+  const bool vec = rows_aligned(K, V, (uintptr_t)q | (uintptr_t)k | (uintptr_t)u | (uintptr_t)beta |
+                                           (uintptr_t)dy | (HAS_DVAR ? (uintptr_t)dvar : 0));
   // load block b's inputs into the stage: every thread's loads in flight at once, one round trip a block
   int staged = -1;
   auto stage_block = [&](int b) {
     if (b == staged) return;
     staged = b;
     __syncthreads();  // everyone is done with the previous block
-    stage_rows(sq, q, KP, K, 0, K, b);
-    stage_rows(sk, k, KP, K, 0, K, b);
-    stage_rows(su, u, BV, V, iv * BV, V, b);
-    stage_rows(sb, beta, BV, V, iv * BV, V, b);
-    stage_rows(sy, dy, BV, V, iv * BV, V, b);
-    if (HAS_DVAR) stage_rows(sw, dvar, BV, V, iv * BV, V, b);
+    const int64_t first = t0 + b * BLOCK, last = t0 + L;
+    stage_rows(sq, q, KP, first, last, H, h, K, 0, K, vec, tid, THREADS);
+    stage_rows(sk, k, KP, first, last, H, h, K, 0, K, vec, tid, THREADS);
+    stage_rows(su, u, BV, first, last, H, h, V, iv * BV, V, vec, tid, THREADS);
+    stage_rows(sb, beta, BV, first, last, H, h, V, iv * BV, V, vec, tid, THREADS);
+    stage_rows(sy, dy, BV, first, last, H, h, V, iv * BV, V, vec, tid, THREADS);
+    if (HAS_DVAR) stage_rows(sw, dvar, BV, first, last, H, h, V, iv * BV, V, vec, tid, THREADS);
     __syncthreads();
   };
   auto at_k = [&](const float* a, int t) { return a + (t & (BLOCK - 1)) * KP + c0; };

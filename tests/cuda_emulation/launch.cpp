@@ -1,12 +1,13 @@
-// Runs palimpsa_walk_bwd (walk_bwd.cu, included below) on the CPU: every block in turn, each with one thread
-// per CUDA thread. emu_launch takes the kernel's parameters as cuLaunchKernel does: an array of pointers to
-// the argument values, in the kernel's order.
+// Runs one of the op's CUDA kernels on the CPU: every block in turn, each with one thread per CUDA thread.
+// The kernel's source and name come as -DKERNEL_SOURCE="..." -DKERNEL=...; emu_launch takes its parameters
+// as cuLaunchKernel does: an array of pointers to the argument values, in the kernel's order.
 #include <barrier>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
-#include "walk_bwd.cu"
+#include KERNEL_SOURCE
 
 alignas(16) float smem[64 * 1024];  // the running block's shared memory (256 KB)
 thread_local emu_dim3 emu_thread_idx, emu_block_idx;
@@ -36,8 +37,15 @@ float __shfl_up_sync(unsigned, float v, unsigned o) {
   return from_lane(v, lane >= int(o) ? lane - int(o) : lane);
 }
 
-template <class T>
-T arg(void** args, int i) { return *static_cast<T*>(args[i]); }
+// calls f with the argument values behind args[0..n), typed as f's parameters
+template <class... A, size_t... I>
+void call(void (*f)(A...), void** args, std::index_sequence<I...>) {
+  f(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+}
+template <class... A>
+void call(void (*f)(A...), void** args) {
+  call(f, args, std::index_sequence_for<A...>{});
+}
 
 extern "C" int emu_threads() { return THREADS; }
 
@@ -54,14 +62,7 @@ extern "C" void emu_launch(void** a, int gx, int gy, int gz) {
           threads.emplace_back([=] {
             emu_thread_idx = {unsigned(t), 0, 0};
             emu_block_idx = {unsigned(x), unsigned(y), unsigned(z)};
-            palimpsa_walk_bwd(
-                arg<const in_t*>(a, 0), arg<const in_t*>(a, 1), arg<const in_t*>(a, 2), arg<const in_t*>(a, 3),
-                arg<const float*>(a, 4), arg<const float*>(a, 5), arg<const float*>(a, 6),
-                arg<const float*>(a, 7), arg<const float*>(a, 8), arg<const in_t*>(a, 9),
-                arg<const in_t*>(a, 10), arg<kq_t*>(a, 11), arg<kq_t*>(a, 12), arg<in_t*>(a, 13),
-                arg<in_t*>(a, 14), arg<float*>(a, 15), arg<double*>(a, 16), arg<float*>(a, 17),
-                arg<float*>(a, 18), arg<const int*>(a, 19), arg<const int*>(a, 20), arg<float>(a, 21),
-                arg<int>(a, 22), arg<int>(a, 23), arg<int>(a, 24), arg<int>(a, 25), arg<int>(a, 26));
+            call(KERNEL, a);
           });
         for (auto& th : threads) th.join();
       }

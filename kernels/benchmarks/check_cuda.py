@@ -1,11 +1,12 @@
-"""The one-pass backward's two walks side by side on a GPU: the CUDA walk against the Triton walk.
+"""The op's CUDA kernels side by side with their Triton twins on a GPU: the walk and the read-out.
 
-    python -m kernels.benchmarks.check_cuda_walk [--out kernels/benchmarks/gpu_check_cudawalk_walk.md]
+    python -m kernels.benchmarks.check_cuda [--out kernels/benchmarks/gpu_check_cuda.md]
 
-Both walks get the same inputs (fresh random draws, the forward's boundary states, random upstream
-gradients); every output they hand the rest of the backward is compared (relative error of the CUDA walk's
-against the Triton walk's; ``dc`` and ``dip`` summed over V blocks, which the two cut differently). Then the
-walk alone is timed at the design, 170M-layer and MQAR shapes (bf16, median ms of ``do_bench``).
+Both versions of a kernel get the same inputs (fresh random draws, the forward's boundary states, random
+upstream gradients). For the one-pass backward's walk every output it hands the rest of the backward is
+compared (relative error of the CUDA walk's against the Triton walk's; ``dc`` and ``dip`` summed over V
+blocks, which the two cut differently); for the forward read-out, ``y`` and the variance. Then each kernel
+alone is timed at the design, 170M-layer and MQAR shapes (bf16, median ms of ``do_bench``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels.palimpsa import chunk, chunk_onepass, walk_cuda
+from kernels.palimpsa import chunk, chunk_onepass, output_cuda, walk_cuda
 from kernels.palimpsa.utils import dot_precision, sequence_layout
 
 DEV = torch.device("cuda")
@@ -75,6 +76,20 @@ def walk_args(B, T, H, K, V, dtype, gates="normal", cu=None, has_dvar=False, sub
     return (q, k, u, beta, la, om, ip, hm, hi, dy, dvar, has_dvar, K**-0.5, layout, 64, sub)
 
 
+def read_out_args(walk: tuple) -> tuple:
+    """The read-out's arguments from ``walk_args``'s: the same inputs and boundary states, new ``y`` (and
+    variance) buffers filled with NaN, so an element a kernel never writes shows."""
+    q, k, u, beta, la, om, ip, hm, hi, dy, _, has_var, scale, layout, C, _ = walk
+    y = torch.full_like(dy, float("nan"))  # every output element must be written
+    var = torch.full_like(dy, float("nan")) if has_var else None
+    return q, k, u, beta, la, om, ip, hm, hi, y, var, scale, layout, C
+
+
+def read_outs(args: tuple) -> list[torch.Tensor]:
+    """``y`` (and the variance) of the read-out whose arguments these are."""
+    return [x for x in args[9:11] if x is not None]
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -87,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     lines = [
-        f"# The CUDA walk against the Triton walk\n\n{torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}, triton {triton.__version__}. Relative error of the CUDA walk's outputs"
-        " against the Triton walk's (S = 4).\n",
+        f"# The CUDA kernels against their Triton twins\n\n{torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}. Relative errors of the CUDA kernels'"
+        " outputs against the Triton kernels' on the same inputs.\n",
+        "## The CUDA walk against the Triton walk (S = 4)\n",
         "| case | (B,T,H,K,V) | dtype | " + " | ".join(OUTPUTS) + " |",
         "|---|---|---|" + "---|" * len(OUTPUTS),
     ]
@@ -106,13 +122,39 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {cells} |")
         print(lines[-1], flush=True)
     lines.append(f"\nworst fp32: {worst:.1e}\n")
-    lines.append("| shape (B,T,H,K,V) | Triton walk ms | CUDA walk ms | speed-up |")
-    lines.append("|---|---|---|---|")
+    lines.append("## The CUDA read-out against the Triton read-out\n")
+    lines.append("| case | (B,T,H,K,V) | dtype | y | var |")
+    lines.append("|---|---|---|---|---|")
+    worst = 0.0
+    for name, shape, dtype, gates, cu, has_var in CASES:
+        xs = walk_args(*shape, dtype, gates, cu, has_var)
+        want, got = read_out_args(xs), read_out_args(xs)  # the same inputs, each its own outputs
+        chunk._triton_read_out(*want)
+        output_cuda.output_fwd(*got)
+        errs = [rel(a, b) for a, b in zip(read_outs(got), read_outs(want), strict=True)]
+        if dtype == torch.float32:
+            worst = max(worst, *errs)
+        cells = " | ".join(f"{e:.1e}" for e in errs) + (" | -" if len(errs) == 1 else "")
+        lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {cells} |")
+        print(lines[-1], flush=True)
+    lines.append(f"\nworst fp32: {worst:.1e}\n")
+    lines.append("## Each kernel alone (bf16, median ms)\n")
+    lines.append(
+        "| shape (B,T,H,K,V) | Triton walk | CUDA walk | speed-up | Triton read-out | CUDA read-out"
+        " | speed-up |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for name, shape in TIMED:
         xs = walk_args(*shape, torch.bfloat16)
         t_tri = do_bench(lambda xs=xs: chunk_onepass._triton_walk(*xs), rep=50, return_mode="median")
         t_cu = do_bench(lambda xs=xs: walk_cuda.walk_bwd(*xs), rep=50, return_mode="median")
-        lines.append(f"| {name} {shape} | {t_tri:.3f} | {t_cu:.3f} | {t_tri / t_cu:.2f} |")
+        ro = read_out_args(xs)
+        r_tri = do_bench(lambda ro=ro: chunk._triton_read_out(*ro), rep=50, return_mode="median")
+        r_cu = do_bench(lambda ro=ro: output_cuda.output_fwd(*ro), rep=50, return_mode="median")
+        lines.append(
+            f"| {name} {shape} | {t_tri:.3f} | {t_cu:.3f} | {t_tri / t_cu:.2f} | {r_tri:.3f} | {r_cu:.3f} |"
+            f" {r_tri / r_cu:.2f} |"
+        )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
