@@ -126,10 +126,14 @@ def test_unsupported_shapes_are_named(K, C, sub, reason):
 
 
 def test_backward_path_follows_head_size(config):
-    """ "auto" takes the one-pass backward from K * V = AUTO_MIN_STATE (where it measured faster)."""
+    """ "auto" takes the one-pass backward where its walk runs in CUDA, else from K * V = AUTO_MIN_STATE
+    (where each measured faster)."""
     config["backward"] = "auto"
     assert chunk.backward_path(16, 32) == "two_pass"
+    assert chunk.backward_path(16, 32, cuda_walk=True) == "one_pass"
     assert chunk.backward_path(48, 48) == "one_pass"
+    q = torch.zeros(1, 64, 1, 16)  # CPU: no CUDA walk, whatever the settings
+    assert not chunk_onepass.cuda_walk_possible(q, 32, 64)
     config["backward"] = "two_pass"
     assert chunk.backward_path(64, 64) == "two_pass"
     config["backward"] = "one pass"

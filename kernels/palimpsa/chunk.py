@@ -381,9 +381,10 @@ CONFIG: dict[str, int | str] = {
     # H200, design-1 fwd+bwd: S 1 14.0 ms, 2 11.2, 4 10.0, 8 11.5 (kernels/benchmarks/notes.md, run 5)
     "main_sub": 4,
     # "two_pass": steps 3-5 above; "one_pass": chunk_onepass.py (one walk per chunk from a zero adjoint, the
-    # scan, tensor-core corrections); "auto": one_pass from K * V >= AUTO_MIN_STATE. H200, fwd+bwd: one_pass
-    # 1.1x to 1.2x faster at the design shapes and the 170M layer with its Triton walk, 1.8x with the CUDA
-    # walk; a tie at MQAR's (K * V = 512), slower in its training step (notes.md, runs 7 and 8)
+    # scan, tensor-core corrections); "auto": one_pass where its walk runs in CUDA, else from K * V >=
+    # AUTO_MIN_STATE. H200, fwd+bwd: one_pass with its Triton walk 1.1x to 1.2x faster than two_pass at the
+    # design shapes and the 170M layer, a tie at MQAR's (K * V = 512) and slower in its training step (run
+    # 7); with the CUDA walk, MQAR's op 1.55 ms against 2.44 two_pass (notes.md, run 9)
     "backward": "auto",
     "onepass_bv": 64,
     "onepass_warps": "auto",
@@ -392,9 +393,9 @@ CONFIG: dict[str, int | str] = {
     # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
     "onepass_dla": "identity",
     # the one-pass backward's walk: "triton" (_walk_bwd), "cuda" (walk_bwd.cu, built with nvcc on first use;
-    # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run and K * V >=
-    # AUTO_MIN_STATE, else Triton). H200: the CUDA walk 1.8x to 1.9x faster from K * V = 2304 up, 1.3x
-    # slower at K * V = 512 (notes.md, run 8)
+    # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run, else Triton). H200:
+    # the CUDA walk 2.7x to 3.1x faster than the Triton walk from K * V = 2304 up, 1.8x at 512 (notes.md,
+    # run 9)
     "onepass_walk": "auto",
     "correct_block": 32,  # V and K blocks of the correction's products (sm_90: no spills up to K = V = 128)
     "correct_warps": 4,
@@ -402,7 +403,7 @@ CONFIG: dict[str, int | str] = {
 
 
 ELEMENTS_PER_THREAD = 8
-AUTO_MIN_STATE = 2048  # K * V from which the "auto" settings take the one-pass backward and the CUDA walk
+AUTO_MIN_STATE = 2048  # K * V from which "auto" takes the one-pass backward with the Triton walk
 MAX_WARPS = {"out_warps": 4, "local_warps": 4, "main_warps": 8, "onepass_warps": 8}
 
 
@@ -419,13 +420,14 @@ def num_warps(key: str, BK: int, BV: int) -> int:
     return min(next_pow2(want), MAX_WARPS[key])
 
 
-def backward_path(K: int, V: int) -> str:
-    """``CONFIG["backward"]``, with "auto" resolved for heads of ``K`` x ``V``."""
+def backward_path(K: int, V: int, cuda_walk: bool = False) -> str:
+    """``CONFIG["backward"]``, with "auto" resolved for heads of ``K`` x ``V``: the one-pass backward where
+    its walk runs in CUDA (``cuda_walk``) or from ``K * V = AUTO_MIN_STATE`` with the Triton walk."""
     choice = CONFIG["backward"]
     if choice not in ("two_pass", "one_pass", "auto"):
         raise ValueError(f"CONFIG['backward'] is 'two_pass', 'one_pass' or 'auto'; got {choice!r}")
     if choice == "auto":
-        return "one_pass" if K * V >= AUTO_MIN_STATE else "two_pass"
+        return "one_pass" if cuda_walk or K * V >= AUTO_MIN_STATE else "two_pass"
     return choice
 
 
@@ -526,10 +528,10 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         if has_dfinal:
             dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
             dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
-        if backward_path(K, V) == "one_pass":
-            # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
-            from kernels.palimpsa.chunk_onepass import onepass_backward
+        # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
+        from kernels.palimpsa.chunk_onepass import cuda_walk_possible, onepass_backward
 
+        if backward_path(K, V, cuda_walk_possible(q, V, C)) == "one_pass":
             dq, dk, du, db, dla, dip, d0m, d0i = onepass_backward(
                 q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi, dy, dvar, has_dvar,
                 dTm if has_dfinal else None, dTi if has_dfinal else None, scale, layout, C,

@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.chunk import AUTO_MIN_STATE, CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
+from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
 from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2
 
 
@@ -316,8 +316,17 @@ def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
         if direct:
             raise walk_cuda.CudaUnavailable("the CUDA walk computes d log alpha by the identity only")
         return True
-    big = q.shape[-1] * V >= AUTO_MIN_STATE
-    return big and not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
+    return not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
+
+
+def cuda_walk_possible(q: Tensor, V: int, C: int) -> bool:
+    """True where the settings allow the CUDA walk and it can run here (``chunk.backward_path``'s "auto"
+    takes the one-pass backward there at any head size)."""
+    if CONFIG["onepass_walk"] == "triton" or CONFIG["onepass_dla"] == "direct":
+        return False
+    from kernels.palimpsa import walk_cuda
+
+    return walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
 
 
 def _triton_walk(
