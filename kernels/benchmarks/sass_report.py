@@ -1,14 +1,16 @@
 """What the Triton kernels compile to, without a GPU: registers, spills, shared memory, instruction mix.
 
     python -m kernels.benchmarks.sass_report [--arch 90] [--shape design-1] [--sub 1 4 8] [--out FILE]
-                                             [--kernels palimpsa walk] [--dtype bf16]
+                                             [--kernels palimpsa walk cuda] [--dtype bf16]
     python -m kernels.benchmarks.sass_report --shared-grid [--heads 16 32 48 64 128 256] [--jobs N]
 
 Each Triton kernel of the chunked Palimpsa op (``palimpsa``), or of the fused-chunk walk behind simple GLA
 and the delta rule and of the delta rule's WY pieces (``walk``: ``kernels/gla/chunk.py``,
 ``kernels/delta_rule/wy.py``), is compiled for the target (``sm_90`` = H100/H200)
 with the launch constants the op would use at that shape (bf16 inputs, or ``--dtype``), read back with the
-``cuobjdump`` that Triton ships. Compilation needs no device, so launch shapes can be compared before a GPU
+``cuobjdump`` that Triton ships; ``cuda`` adds the op's two CUDA C++ kernels (``output_fwd.cu``,
+``walk_bwd.cu``, built by ``nvcc`` as the op builds them, so it needs an ``nvcc``). Compilation needs no
+device, so launch shapes can be compared before a GPU
 is at hand: spills (``stack`` bytes), barriers (``BAR``) and shuffles (``SHFL``) in a per-token loop are what
 make a recurrence latency-bound, and ``HGMMA`` marks the tensor-core products. Static counts, not timings: a
 loop body counts once however often it runs (the reverse walk's body holds ``main_sub`` unrolled tokens).
@@ -41,7 +43,7 @@ from triton.compiler import ASTSource
 
 from kernels.delta_rule import wy
 from kernels.gla import chunk as walk
-from kernels.palimpsa import chunk, chunk_onepass
+from kernels.palimpsa import chunk, chunk_onepass, cuda_build, output_cuda, walk_cuda
 from kernels.palimpsa.utils import next_pow2
 
 SHAPES = {
@@ -192,8 +194,13 @@ def report(
     src = _source(fn, constexprs, dtype, atomic, fp32)
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(src, target=target, options=_options(num_warps, num_stages))
+    return counts(compiled.asm["cubin"], compiled.metadata.shared, num_warps)
+
+
+def counts(cubin: bytes, shared: int, warps: int) -> dict:
+    """The report's columns for one compiled kernel, read back with ``cuobjdump``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
                                text=True, check=True).stdout  # fmt: skip
@@ -204,11 +211,25 @@ def report(
     return {
         "regs": int(res.get("REG", 0)),
         "stack": int(res.get("STACK", 0)),
-        "shared": compiled.metadata.shared,
-        "warps": num_warps,
+        "shared": shared,
+        "warps": warps,
         "instructions": sum(ops.values()),
         **{op: ops.get(op, 0) for op in SHOWN},
     }
+
+
+def cuda_launches(shape, sub: int) -> list[tuple[str, cuda_build.Kernel]]:
+    """The CUDA kernels' configurations at a shape (bf16, no variance): the read-out and the walk."""
+    _, _, _, K, V = shape
+    return [
+        ("output_fwd.cu", output_cuda.output_shape(K, V, 64, torch.bfloat16, False)),
+        (f"walk_bwd.cu sub={sub}", walk_cuda.walk_shape(K, V, torch.bfloat16, sub, False)),
+    ]
+
+
+def cuda_report(kernel: cuda_build.Kernel, arch: int) -> dict:
+    """``report``'s columns for one of the CUDA kernels, compiled as ``cuda_build`` compiles it."""
+    return counts(cuda_build._cubin(kernel, f"sm_{arch}"), kernel.smem_bytes, kernel.threads // 32)
 
 
 class _Allocated(Exception):
@@ -354,7 +375,7 @@ def main(argv=None) -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["design-1", "design-3"])
     ap.add_argument("--sub", type=int, nargs="+", default=[chunk.CONFIG["main_sub"]])
-    ap.add_argument("--kernels", choices=("palimpsa", "walk"), nargs="+", default=["palimpsa"])
+    ap.add_argument("--kernels", choices=("palimpsa", "walk", "cuda"), nargs="+", default=["palimpsa"])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="inputs' dtype (walk kernels)")
     ap.add_argument("--shared-grid", action="store_true",
                     help="instead: shared memory of every distinct walk and WY launch over --heads x --heads,"
@@ -394,6 +415,12 @@ def main(argv=None) -> None:
             row = report(fn, constexprs, warps, atomic, args.arch, args.dtype, fp32, stages)
             lines.append(f"| {name} | {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
             print(lines[-1], flush=True)
+        if "cuda" in args.kernels:
+            kernels = dict(launch for sub in args.sub for launch in cuda_launches(SHAPES[name], sub))
+            for label, kernel in kernels.items():
+                row = cuda_report(kernel, args.arch)
+                lines.append(f"| {name} | {label} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+                print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 
