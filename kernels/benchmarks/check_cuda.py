@@ -1,12 +1,14 @@
 """The op's CUDA kernels side by side with their Triton twins on a GPU: the walk and the read-out.
 
     python -m kernels.benchmarks.check_cuda [--out kernels/benchmarks/gpu_check_cuda.md]
+    compute-sanitizer --tool memcheck python -m kernels.benchmarks.check_cuda --memcheck
 
 Both versions of a kernel get the same inputs (fresh random draws, the forward's boundary states, random
 upstream gradients). For the one-pass backward's walk every output it hands the rest of the backward is
 compared (relative error of the CUDA walk's against the Triton walk's; ``dc`` and ``dip`` summed over V
 blocks, which the two cut differently); for the forward read-out, ``y`` and the variance. Then each kernel
-alone is timed at the design, 170M-layer and MQAR shapes (bf16, median ms of ``do_bench``).
+alone is timed at the design, 170M-layer and MQAR shapes (bf16, median ms of ``do_bench``). ``--memcheck``
+only runs both CUDA kernels once at a few small shapes (``MEMCHECK``), for a memory checker to watch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ CASES = [  # name, (B, T, H, K, V), dtype, gates, cu_seqlens, variance gradient
     ("extreme gates", (2, 200, 2, 32, 48), torch.float32, "extreme", None, True),
     ("K=V=64, bf16", (2, 256, 2, 64, 64), torch.bfloat16, "normal", None, False),
 ]
+MEMCHECK = [(4, 512, 2, 16, 32), (2, 300, 2, 5, 12), (1, 200, 2, 128, 128), (2, 256, 2, 64, 72)]
 TIMED = [
     ("design-1", (8, 2048, 16, 64, 64)),
     ("design-3", (8, 2048, 16, 128, 128)),
@@ -100,7 +103,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--memcheck", action="store_true", help="run the CUDA kernels once at MEMCHECK, no more")
     args = ap.parse_args(argv)
+    if args.memcheck:
+        for shape in MEMCHECK:
+            for has_dvar in (False, True):
+                xs = walk_args(*shape, torch.bfloat16, has_dvar=has_dvar)
+                walk_cuda.walk_bwd(*xs)
+                output_cuda.output_fwd(*read_out_args(xs))
+                torch.cuda.synchronize()
+        print(f"ran the CUDA walk and read-out at {MEMCHECK}, with and without the variance")
+        return
     lines = [
         f"# The CUDA kernels against their Triton twins\n\n{torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}, triton {triton.__version__}. Relative errors of the CUDA kernels'"
