@@ -22,9 +22,10 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
     pytest.skip("triton was imported without its interpreter and there is no GPU", allow_module_level=True)
 
 import cuda_emulator  # noqa: E402
+from palimpsa_cases import reference, varlen_inputs  # noqa: E402
 
 from kernels.benchmarks.check_cuda import read_out_args, read_outs, rel, walk_args  # noqa: E402
-from kernels.palimpsa import chunk, cuda_build, naive_recurrent_palimpsa, output_cuda  # noqa: E402
+from kernels.palimpsa import chunk, cuda_build, output_cuda  # noqa: E402
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -61,21 +62,11 @@ def test_whole_forward_with_the_cuda_read_out_matches_float64(config, monkeypatc
     config["out_kernel"] = "cuda"
     launch = functools.partial(output_cuda.output_fwd, launcher=cuda_emulator.launch)
     monkeypatch.setattr(output_cuda, "output_fwd", launch)
-    g = torch.Generator().manual_seed(4)
-    H, K, V, lens = 2, 24, 20, [70, 150]
-    T = sum(lens)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    xs = [r(1, T, H, K), r(1, T, H, K) / K**0.5, r(1, T, H, V), torch.rand(1, T, H, V, generator=g).double()]
-    xs += [torch.nn.functional.logsigmoid(r(1, T, H) + 2.0), torch.rand(H, generator=g).double() + 0.5]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    xs, cu = varlen_inputs(seed=4)
     y, var = chunk_palimpsa(*(x.float() for x in xs), output_variance=True, cu_seqlens=cu)[:2]
-    want_y, want_var = [], []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-        wy, wv, _ = naive_recurrent_palimpsa(*(x[:, a:b] for x in xs[:5]), xs[5], output_variance=True)
-        want_y.append(wy)
-        want_var.append(wv)
-    assert rel(y, torch.cat(want_y, 1)) < 1e-5
-    assert rel(var, torch.cat(want_var, 1)) < 1e-5
+    want_y, want_var = reference(xs, cu)
+    assert rel(y, want_y) < 1e-5
+    assert rel(var, want_var) < 1e-5
 
 
 def test_read_out_choice_is_checked(config):

@@ -22,9 +22,10 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
     pytest.skip("triton was imported without its interpreter and there is no GPU", allow_module_level=True)
 
 import cuda_emulator  # noqa: E402
+from palimpsa_cases import reference, varlen_inputs  # noqa: E402
 
 from kernels.benchmarks.check_cuda import rel, walk_args  # noqa: E402
-from kernels.palimpsa import chunk, chunk_onepass, cuda_build, naive_recurrent_palimpsa, walk_cuda  # noqa: E402
+from kernels.palimpsa import chunk, chunk_onepass, cuda_build, walk_cuda  # noqa: E402
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -64,15 +65,10 @@ def test_whole_backward_with_the_cuda_walk_matches_float64(config, monkeypatch):
     monkeypatch.setattr(
         walk_cuda, "walk_bwd", functools.partial(walk_cuda.walk_bwd, launcher=cuda_emulator.launch)
     )
-    g = torch.Generator().manual_seed(3)
-    H, K, V, lens = 2, 24, 20, [70, 150]
-    T = sum(lens)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    xs = [r(1, T, H, K), r(1, T, H, K) / K**0.5, r(1, T, H, V), torch.rand(1, T, H, V, generator=g).double()]
-    xs += [torch.nn.functional.logsigmoid(r(1, T, H) + 2.0), torch.rand(H, generator=g).double() + 0.5]
+    xs, cu = varlen_inputs(seed=3)
     xs = [x.requires_grad_(True) for x in xs]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    wy, wv = r(1, T, H, V), r(1, T, H, V)
+    g = torch.Generator().manual_seed(30)
+    wy, wv = (torch.randn(xs[2].shape, generator=g, dtype=torch.float64) for _ in range(2))
 
     def grads(fn):
         for x in xs:
@@ -87,16 +83,7 @@ def test_whole_backward_with_the_cuda_walk_matches_float64(config, monkeypatch):
         )[:2]
     )
 
-    def reference():
-        ys, vs = [], []
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-            part = [x[:, a:b] for x in xs[:5]]
-            y, var, _ = naive_recurrent_palimpsa(*part, xs[5], output_variance=True)
-            ys.append(y)
-            vs.append(var)
-        return torch.cat(ys, 1), torch.cat(vs, 1)
-
-    want = grads(reference)
+    want = grads(lambda: reference(xs, cu))
     for name, a, b in zip(["dq", "dk", "du", "dbeta", "dlog_alpha", "dIp"], got, want, strict=True):
         assert rel(a, b) < 1e-4, (name, rel(a, b))
 

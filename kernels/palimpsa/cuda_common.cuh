@@ -82,6 +82,15 @@ __device__ __forceinline__ float rcp(float x) {  // 1 / x on the special-functio
 #endif
 }
 
+// First token and length of global chunk ic (chunk.py's _chunk_span): chunk_index holds (sequence, chunk
+// within it) pairs, cu the sequences' offsets
+__device__ __forceinline__ void chunk_span(const int* cu, const int* chunk_index, int ic, int chunk,
+                                           int64_t& t0, int& L) {
+  const int seq = chunk_index[2 * ic], cin = chunk_index[2 * ic + 1];
+  t0 = (int64_t)cu[seq] + (int64_t)cin * chunk;
+  L = (int)min((int64_t)chunk, (int64_t)cu[seq + 1] - t0);
+}
+
 // True where every input row starts on 16 bytes, so staging can use 16-byte loads
 __device__ __forceinline__ bool rows_aligned(int K, int V, uintptr_t pointers) {
   return K % VEC == 0 && V % VEC == 0 && pointers % 16 == 0;

@@ -75,9 +75,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_output_fwd(
 
   const int iv = blockIdx.x, ic = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, rg = tid / LR, j = tid % LR, lane = tid & 31;
-  const int seq = chunk_index[2 * ic], cin = chunk_index[2 * ic + 1];
-  const int64_t t0 = (int64_t)cu[seq] + (int64_t)cin * C;
-  const int L = (int)min((int64_t)C, (int64_t)cu[seq + 1] - t0);
+  int64_t t0;
+  int L;
+  chunk_span(cu, chunk_index, ic, C, t0, L);
   const float p = ip[h];
   const int v0 = iv * BV + rg * R;  // this thread's first value row
   const int c0 = j * CT;            // and first key column
