@@ -37,6 +37,8 @@ CASES = {
     "K 48, V 40, variance": ((2, 70, 2, 48, 40), torch.float32, "normal", None, True),
     "V over two blocks": ((1, 70, 1, 64, 72), torch.float32, "normal", None, True),
     "K 128: a row across a whole warp": ((1, 40, 1, 128, 40), torch.float32, "normal", None, True),
+    "K 128, no variance": ((1, 40, 1, 128, 32), torch.float32, "normal", None, False),
+    "K=V=64, no variance": ((1, 40, 1, 64, 64), torch.float32, "normal", None, False),
     "varlen, 3 sequences": ((1, 150, 1, 16, 40), torch.float32, "normal", [0, 20, 97, 150], True),
     "extreme gates": ((1, 130, 2, 32, 48), torch.float32, "extreme", None, True),
     "bf16": ((1, 100, 1, 32, 32), torch.bfloat16, "normal", None, True),
@@ -48,9 +50,11 @@ def test_cuda_read_out_matches_the_triton_read_out(case):
     shape, dtype, gates, cu, has_var = CASES[case]
     xs = walk_args(*shape, dtype, gates, cu, has_var, device=CPU)
     want, got = read_out_args(xs), read_out_args(xs)
+    if dtype != torch.float32:  # the reference stays fp32 (the interpreter's bf16 stores round toward zero)
+        want = (*want[:9], *(None if x is None else x.float() for x in want[9:11]), *want[11:])
     chunk._triton_read_out(*want)
     output_cuda.output_fwd(*got, launcher=cuda_emulator.launch)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: rounded to bf16 from slightly different sums
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # bf16: one rounding of each output (at most 2^-9)
     for name, a, b in zip(["y", "var"][: len(read_outs(got))], read_outs(got), read_outs(want), strict=True):
         assert torch.isfinite(a).all(), name  # (NaN-filled before: every element was written)
         assert rel(a, b) < tol, (name, rel(a, b))

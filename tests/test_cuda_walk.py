@@ -155,3 +155,21 @@ def test_auto_falls_back_to_the_triton_walk_once_with_a_warning(config, monkeypa
     config["onepass_walk"] = "cuda"
     with pytest.raises(walk_cuda.CudaUnavailable, match="CUDA tensors"):
         grads()
+
+
+def test_a_device_with_less_shared_memory_keeps_the_walk_on_triton(monkeypatch):
+    """The CUDA walk needs ~214 KiB of shared memory a block at K = V = 64; on a device that offers less
+    (99 KiB on sm_86 and sm_89) "auto" must not pick it, and launching it anyway names the reason."""
+    from types import SimpleNamespace
+
+    from kernels.palimpsa import output_cuda
+
+    props = SimpleNamespace(shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(cuda_build.torch.cuda, "get_device_properties", lambda device: props)
+    walk = walk_cuda.walk_shape(64, 64, torch.bfloat16, 4, has_dvar=False)
+    read_out = output_cuda.output_shape(64, 64, 64, torch.bfloat16, store_var=True)
+    assert not cuda_build.fits(walk, torch.device("cuda", 0))
+    assert cuda_build.fits(read_out, torch.device("cuda", 0))
+    monkeypatch.setattr(cuda_build.torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(cuda_build.CudaUnavailable, match="shared memory"):
+        cuda_build.launch_on_gpu(walk, (1, 1, 1), [])

@@ -16,8 +16,9 @@ there are wrong). For TIMING only this script lifts that guard by setting the mo
 nothing here uses those gradients, and training must never do this.
 
 Our op runs once per variant (``VARIANTS``: settings of ``chunk.CONFIG`` over its defaults, set at the
-forward): ``palimpsa_triton`` as shipped (``"auto"``: the forward read-out in CUDA C++ where nvcc is found;
-from K * V = 2048 the one-pass backward with the CUDA walk, below it the two-pass backward),
+forward): ``palimpsa_triton`` as shipped (``"auto"``: where nvcc is found, the forward read-out in CUDA C++
+and the one-pass backward with the CUDA walk; without nvcc, Triton kernels and the one-pass backward only from
+K * V = 2048),
 ``_triton_only`` the same with Triton kernels only (what runs without nvcc), ``_twopass`` the two-pass
 backward, ``_onepass`` the one-pass backward (``kernels/palimpsa/chunk_onepass.py``, d log alpha by the
 identity) with its Triton walk, ``palimpsa_cuda_walk`` the one-pass backward with its walk in CUDA C++

@@ -399,6 +399,10 @@ def main(argv=None) -> None:
         f"sm_{args.arch}, triton {triton.__version__}, {args.dtype} inputs; "
         "static counts (one loop body each)"
     )
+    if "cuda" in args.kernels:
+        nvcc = subprocess.run([cuda_build.nvcc_path() or "nvcc", "--version"], capture_output=True, text=True)
+        release = re.findall(r"release ([0-9.]+)", nvcc.stdout)[0]
+        head += f"; CUDA kernels by nvcc {release}, bf16, no variance"
     lines = [head, "", "| shape | kernel | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for name in args.shape:
         todo = []  # (label, kernel, constexprs, warps, atomic, fp32 pointers, stages)

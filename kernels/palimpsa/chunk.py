@@ -465,20 +465,20 @@ def _triton_read_out(
     )  # fmt: skip
 
 
-def _read_out(*args) -> None:
-    """Step 2: ``y`` (and ``var``) from the chunk-boundary states, in CUDA C++ or in Triton (arguments as
-    ``_triton_read_out``)."""
-    q, k, u, beta = args[:4]
-    if _use_cuda_read_out(q, k, u, beta, args[-1]):
-        from kernels.palimpsa import cuda_build, output_cuda  # built with nvcc on first use
+def _read_out(
+    q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor, hm: Tensor,
+    hi: Tensor, y: Tensor, var: Tensor | None, scale: float, layout: SequenceLayout, C: int,
+) -> None:  # fmt: skip
+    """Step 2: ``y`` (and ``var``) from the chunk-boundary states, in CUDA C++ or in Triton."""
+    args = (q, k, u, beta, log_alpha, om, ip, hm, hi, y, var, scale, layout, C)
+    if not _use_cuda_read_out(q, k, u, beta, C):
+        return _triton_read_out(*args)
+    from kernels.palimpsa import cuda_build, output_cuda  # built with nvcc on first use
 
-        try:
-            return output_cuda.output_fwd(*args)
-        except cuda_build.CudaUnavailable as exc:
-            if CONFIG["out_kernel"] == "cuda":
-                raise
-            cuda_build.give_up(str(exc))  # "auto": warn once, then the Triton kernels from here on
-    return _triton_read_out(*args)
+    cuda_build.run_or_fall_back(
+        CONFIG["out_kernel"], lambda: output_cuda.output_fwd(*args), lambda: _triton_read_out(*args)
+    )
+    return None
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
@@ -531,7 +531,8 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
         from kernels.palimpsa.chunk_onepass import cuda_walk_possible, onepass_backward
 
-        if backward_path(K, V, cuda_walk_possible(q, V, C)) == "one_pass":
+        cuda_walk = CONFIG["backward"] == "auto" and cuda_walk_possible(q, V, C)
+        if backward_path(K, V, cuda_walk) == "one_pass":
             dq, dk, du, db, dla, dip, d0m, d0i = onepass_backward(
                 q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi, dy, dvar, has_dvar,
                 dTm if has_dfinal else None, dTi if has_dfinal else None, scale, layout, C,

@@ -316,7 +316,7 @@ def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
         if direct:
             raise walk_cuda.CudaUnavailable("the CUDA walk computes d log alpha by the identity only")
         return True
-    return not direct and walk_cuda.can_run(q, V, C, CONFIG["onepass_sub"])
+    return not direct and cuda_walk_possible(q, V, C)
 
 
 def cuda_walk_possible(q: Tensor, V: int, C: int) -> bool:
@@ -381,18 +381,17 @@ def onepass_backward(
     BK = max(16, next_pow2(K))
     prec = dot_precision(q.dtype)
     walk_args = (q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, has_dvar, scale, layout, C)
+    sub = CONFIG["onepass_sub"]
     if _use_cuda_walk(q, V, C, direct):
         from kernels.palimpsa import cuda_build, walk_cuda  # built with nvcc on first use
 
-        try:
-            walked = walk_cuda.walk_bwd(*walk_args, CONFIG["onepass_sub"])
-        except walk_cuda.CudaUnavailable as exc:
-            if CONFIG["onepass_walk"] == "cuda":
-                raise
-            cuda_build.give_up(str(exc))  # "auto": warn once, then the Triton walk from here on
-            walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])
+        walked = cuda_build.run_or_fall_back(
+            CONFIG["onepass_walk"],
+            lambda: walk_cuda.walk_bwd(*walk_args, sub),
+            lambda: _triton_walk(*walk_args, sub),
+        )
     else:
-        walked = _triton_walk(*walk_args, CONFIG["onepass_sub"])
+        walked = _triton_walk(*walk_args, sub)
     dq, dk, du, db, dc, dip, dhm, dhi, NV = walked
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)

@@ -23,10 +23,13 @@ from typing import Protocol
 
 import torch
 
+from kernels.palimpsa.utils import next_pow2
+
 HERE = Path(__file__).parent
 HEADERS = sorted(HERE.glob("*.cuh"))  # included by every kernel source
-MAX_SMEM = 227 * 1024  # dynamic shared memory a block may have (sm_90)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ROWS_PER_THREAD = 4  # each thread holds ROWS_PER_THREAD x 4 elements of the [V, K] state
+STATE_PER_BLOCK = 4096  # [BV, K] elements a thread block holds: 16 a thread at 256 threads
 _SMEM_ATTRIBUTE = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
@@ -52,6 +55,13 @@ class Kernel(Protocol):
 Launcher = Callable[[Kernel, tuple[int, int, int], list], None]
 
 
+def block_shape(K: int, V: int) -> tuple[int, int]:
+    """``(KP, BV)``: K padded to a power of two (at least 16) and the value rows of a thread block."""
+    KP = max(16, next_pow2(K))
+    return KP, max(32, min(next_pow2(V), STATE_PER_BLOCK // KP))
+
+
+@functools.cache
 def nvcc_path() -> str | None:
     found = shutil.which("nvcc")
     if found:
@@ -71,9 +81,28 @@ def give_up(reason: str) -> None:
     _GAVE_UP.append(reason)
 
 
-def usable(on_cuda: bool) -> bool:
-    """True where ``"auto"`` may pick a CUDA kernel: CUDA tensors, an nvcc, and no failed build before."""
-    return not _GAVE_UP and on_cuda and nvcc_path() is not None
+def usable(x: torch.Tensor, kernel: Kernel) -> bool:
+    """True where ``"auto"`` may pick this kernel for tensors like ``x``: on a CUDA device whose blocks may
+    have the shared memory it needs, with an nvcc, and no failed build before."""
+    return not _GAVE_UP and x.is_cuda and nvcc_path() is not None and fits(kernel, x.device)
+
+
+def fits(kernel: Kernel, device: torch.device) -> bool:
+    """Whether a block of ``kernel`` gets the shared memory it asks for on ``device`` (227 KiB on sm_90,
+    163 KiB on sm_80, 99 KiB on sm_86 and sm_89)."""
+    return kernel.smem_bytes <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def run_or_fall_back(setting: str, cuda: Callable[[], object], triton: Callable[[], object]) -> object:
+    """``cuda()``; where it cannot run, an error if the setting asked for "cuda", else (under "auto") one
+    warning, no further tries in this process, and ``triton()``."""
+    try:
+        return cuda()
+    except CudaUnavailable as exc:
+        if setting == "cuda":
+            raise
+        give_up(str(exc))
+    return triton()
 
 
 def _cache_dir() -> Path:
@@ -138,14 +167,18 @@ def _driver() -> _Driver:
 @functools.cache
 def _function(kernel: Kernel, device: int):
     major, minor = torch.cuda.get_device_capability(device)
-    return _driver().function(_cubin(kernel, f"sm_{major}{minor}"), kernel.name, kernel.smem_bytes)
+    cubin = _cubin(kernel, f"sm_{major}{minor}")
+    try:
+        return _driver().function(cubin, kernel.name, kernel.smem_bytes)
+    except RuntimeError as exc:  # a module this device or driver cannot load
+        raise CudaUnavailable(f"loading {kernel.source.name}: {exc}") from exc
 
 
 def launch_on_gpu(kernel: Kernel, grid: tuple[int, int, int], args: list) -> None:
     """Build (once) and launch the kernel on the current CUDA device and stream."""
-    if kernel.smem_bytes > MAX_SMEM:  # (not reached for K <= 128)
-        raise CudaUnavailable(f"{kernel.name} needs {kernel.smem_bytes} bytes of shared memory here")
     device = torch.cuda.current_device()
+    if not fits(kernel, torch.device("cuda", device)):
+        raise CudaUnavailable(f"{kernel.name} needs {kernel.smem_bytes} bytes of shared memory a block here")
     _driver().launch(_function(kernel, device), grid, kernel.threads, kernel.smem_bytes, args)
 
 

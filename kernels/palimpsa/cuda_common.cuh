@@ -8,6 +8,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#ifndef __CUDA_ARCH__
+#include <cassert>  // the CPU emulation checks the 16-byte alignment the GPU's vector accesses need
+#define ALIGNED16(p) assert(reinterpret_cast<uintptr_t>(p) % 16 == 0)
+#else
+#define ALIGNED16(p)
+#endif
 
 #ifndef MINB
 #define MINB 1  // blocks a multiprocessor should hold (registers a thread: at most 65536 / (THREADS * MINB))
@@ -34,6 +40,7 @@ __device__ __forceinline__ void put(__half* p, float x) { *p = __float2half_rn(x
 
 // four consecutive staged values (shared memory, zero-padded, 16-byte aligned)
 __device__ __forceinline__ void lds4(const float* p, float o[4]) {
+  ALIGNED16(p);
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
 }
@@ -47,6 +54,7 @@ __device__ __forceinline__ void lds_rows(const float* p, float o[R]) {
 // 16 bytes of inputs (8 values of 16 bits or 4 of fp32) as fp32
 constexpr int VEC = 16 / sizeof(in_t);
 __device__ __forceinline__ void load_vec(const in_t* p, float o[VEC]) {
+  ALIGNED16(p);
   const uint4 v = *reinterpret_cast<const uint4*>(p);
   const in_t* x = reinterpret_cast<const in_t*>(&v);
 #pragma unroll
@@ -59,6 +67,7 @@ __device__ __forceinline__ void store_vec(in_t* p, const float o[VEC]) {
   in_t* x = reinterpret_cast<in_t*>(&v);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) put(x + i, o[i]);
+  ALIGNED16(p);
   *reinterpret_cast<uint4*>(p) = v;
 }
 
@@ -113,6 +122,7 @@ __device__ __forceinline__ void stage_rows(float* dst, const in_t* src, int NC, 
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = tok < last && col + i < bound ? f32(row[col + i]) : 0.f;
     }
+    ALIGNED16(dst + t * NC + cv);
 #pragma unroll
     for (int i = 0; i < VEC; i += 4)
       *reinterpret_cast<float4*>(dst + t * NC + cv + i) = make_float4(o[i], o[i + 1], o[i + 2], o[i + 3]);

@@ -15,13 +15,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels.palimpsa.cuda_build import DTYPES, CudaUnavailable, Launcher, launch_on_gpu, pointer_args, usable
-from kernels.palimpsa.utils import SequenceLayout, next_pow2
+from kernels.palimpsa.cuda_build import (
+    DTYPES,
+    ROWS_PER_THREAD,
+    CudaUnavailable,
+    Launcher,
+    block_shape,
+    launch_on_gpu,
+    pointer_args,
+    usable,
+)
+from kernels.palimpsa.utils import SequenceLayout
 
 SOURCE = Path(__file__).with_name("output_fwd.cu")
 MAX_K = 128  # a row of the state within one warp: K / 4 lanes
-ROWS_PER_THREAD = 4
-STATE_PER_BLOCK = 4096  # [BV, K] elements a thread block holds: 16 a thread
 BLOCKS_PER_SM = 3  # the kernel's register cap (80 a thread at 256 threads, no spills at K <= 128)
 
 
@@ -37,10 +44,11 @@ def unsupported_reason(K: int, C: int, dtypes: list[torch.dtype]) -> str | None:
 
 
 def can_run(q: Tensor, k: Tensor, u: Tensor, beta: Tensor, C: int) -> bool:
-    """True where ``"auto"`` picks the CUDA read-out: CUDA tensors, an nvcc, a supported shape and dtypes,
-    and no failed build earlier in this process."""
-    reason = unsupported_reason(q.shape[-1], C, [x.dtype for x in (q, k, u, beta)])
-    return usable(q.is_cuda) and reason is None
+    """True where ``"auto"`` picks the CUDA read-out: a supported shape and dtypes, CUDA tensors on a device
+    with the shared memory it needs, an nvcc, and no failed build earlier in this process."""
+    if unsupported_reason(q.shape[-1], C, [x.dtype for x in (q, k, u, beta)]) is not None:
+        return False
+    return usable(q, output_shape(q.shape[-1], u.shape[-1], C, q.dtype, store_var=True))
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,7 @@ class OutputShape:
 
 
 def output_shape(K: int, V: int, C: int, dtype: torch.dtype, store_var: bool) -> OutputShape:
-    KP = max(16, next_pow2(K))
-    BV = max(32, min(next_pow2(V), STATE_PER_BLOCK // KP))
+    KP, BV = block_shape(K, V)
     return OutputShape(KP, BV, C, DTYPES[dtype], store_var)
 
 

@@ -15,14 +15,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels.palimpsa.cuda_build import DTYPES, CudaUnavailable, Launcher, launch_on_gpu, pointer_args, usable
-from kernels.palimpsa.utils import SequenceLayout, next_pow2
+from kernels.palimpsa.cuda_build import (
+    DTYPES,
+    ROWS_PER_THREAD,
+    CudaUnavailable,
+    Launcher,
+    block_shape,
+    launch_on_gpu,
+    pointer_args,
+    usable,
+)
+from kernels.palimpsa.utils import SequenceLayout
 
 SOURCE = Path(__file__).with_name("walk_bwd.cu")
 CHUNK = 64  # the kernel's chunk length (checkpoints every 16 tokens)
 MAX_K = 128
-ROWS_PER_THREAD = 4
-STATE_PER_BLOCK = 4096  # [BV, K] elements a thread block holds: 16 a thread at 256 threads
 
 
 def unsupported_reason(K: int, V: int, C: int, dtype: torch.dtype, sub: int) -> str | None:
@@ -39,9 +46,11 @@ def unsupported_reason(K: int, V: int, C: int, dtype: torch.dtype, sub: int) -> 
 
 
 def can_run(q: Tensor, V: int, C: int, sub: int) -> bool:
-    """True where ``"auto"`` picks the CUDA walk: a CUDA tensor, an nvcc, a supported shape, and no failed
-    build earlier in this process."""
-    return usable(q.is_cuda) and unsupported_reason(q.shape[-1], V, C, q.dtype, sub) is None
+    """True where ``"auto"`` picks the CUDA walk: a supported shape, a CUDA tensor on a device with the shared
+    memory it needs, an nvcc, and no failed build earlier in this process."""
+    if unsupported_reason(q.shape[-1], V, C, q.dtype, sub) is not None:
+        return False
+    return usable(q, walk_shape(q.shape[-1], V, q.dtype, sub, has_dvar=True))  # (the larger of the two)
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,7 @@ class WalkShape:
 
 
 def walk_shape(K: int, V: int, dtype: torch.dtype, sub: int, has_dvar: bool) -> WalkShape:
-    KP = max(16, next_pow2(K))
-    BV = max(32, min(next_pow2(V), STATE_PER_BLOCK // KP))
+    KP, BV = block_shape(K, V)
     atomic = V > BV
     return WalkShape(KP, BV, sub, DTYPES[dtype], has_dvar, atomic)
 

@@ -32,17 +32,12 @@ struct float2 {
 struct float4 {
   float x, y, z, w;
 };
-struct uint2 {
-  unsigned x, y;
-};
 struct uint4 {
   unsigned x, y, z, w;
 };
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 
-template <class T>
-inline T __ldg(const T* p) { return *p; }
 inline float __expf(float x) { return std::exp(x); }
 
 void __syncthreads();
