@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +54,19 @@ class Kernel(Protocol):
 
 # runs a kernel: (configuration, grid, ctypes arguments in the kernel's parameter order)
 Launcher = Callable[[Kernel, tuple[int, int, int], list], None]
+
+
+@dataclass(frozen=True)
+class StateTiled:
+    """A configuration whose thread block holds a ``[BV, KP]`` tile of the state, ``ROWS_PER_THREAD x 4``
+    elements a thread (the two kernels' shared launch geometry)."""
+
+    KP: int  # K padded to a power of two, at least 16
+    BV: int  # value rows a block
+
+    @property
+    def threads(self) -> int:
+        return (self.BV // ROWS_PER_THREAD) * (self.KP // 4)
 
 
 def block_shape(K: int, V: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from kernels.palimpsa.cuda_build import (
     ROWS_PER_THREAD,
     CudaUnavailable,
     Launcher,
+    StateTiled,
     block_shape,
     launch_on_gpu,
     pointer_args,
@@ -52,20 +53,14 @@ def can_run(q: Tensor, k: Tensor, u: Tensor, beta: Tensor, C: int) -> bool:
 
 
 @dataclass(frozen=True)
-class OutputShape:
+class OutputShape(StateTiled):
     """One compiled configuration and its launch geometry."""
 
-    KP: int  # K padded to a power of two, at least 16
-    BV: int  # value rows a block
     C: int
     in_t: int
     store_var: bool
     source = SOURCE
     name = "palimpsa_output_fwd"
-
-    @property
-    def threads(self) -> int:
-        return (self.BV // ROWS_PER_THREAD) * (self.KP // 4)
 
     @property
     def smem_bytes(self) -> int:

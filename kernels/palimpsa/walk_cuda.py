@@ -20,6 +20,7 @@ from kernels.palimpsa.cuda_build import (
     ROWS_PER_THREAD,
     CudaUnavailable,
     Launcher,
+    StateTiled,
     block_shape,
     launch_on_gpu,
     pointer_args,
@@ -54,21 +55,15 @@ def can_run(q: Tensor, V: int, C: int, sub: int) -> bool:
 
 
 @dataclass(frozen=True)
-class WalkShape:
+class WalkShape(StateTiled):
     """One compiled configuration and its launch geometry."""
 
-    KP: int  # K padded to a power of two, at least 16
-    BV: int  # value rows a block
     S: int
     in_t: int
     has_dvar: bool
     atomic: bool
     source = SOURCE
     name = "palimpsa_walk_bwd"
-
-    @property
-    def threads(self) -> int:
-        return (self.BV // ROWS_PER_THREAD) * (self.KP // 4)
 
     @property
     def smem_bytes(self) -> int:
