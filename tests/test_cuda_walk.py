@@ -58,6 +58,24 @@ def test_cuda_walk_matches_the_triton_walk(case):
         assert rel(a, b) < tol, (name, rel(a, b))
 
 
+@pytest.mark.parametrize("walk", ["triton", "cuda"])
+def test_walk_writes_its_pulls_over_the_boundary_states(walk):
+    """``in_place``: the pulls land in the boundary states' buffers, equal to those written to fresh ones (a
+    thread or program reads its elements of the state before it overwrites them); V over two blocks."""
+    args = walk_args(1, 150, 2, 48, 72, torch.float32, "normal", None, True, 4, device=CPU)
+    run = (
+        chunk_onepass._triton_walk
+        if walk == "triton"
+        else functools.partial(walk_cuda.walk_bwd, launcher=cuda_emulator.launch)
+    )
+    want = run(*args)
+    hm, hi = args[7].clone(), args[8].clone()
+    got = run(*args[:7], hm, hi, *args[9:], in_place=True)
+    assert got[6] is hm and got[7] is hi
+    for name, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_whole_backward_with_the_cuda_walk_matches_float64(config, monkeypatch):
     """Every input gradient of the op with the CUDA walk in its backward (variance, varlen with a short last
     chunk, several chunks) against autograd through the float64 recurrence."""

@@ -181,6 +181,36 @@ def test_one_pass_per_element_decay_gradient(config):
     assert_paths_close(out, grads, ref_out, ref_grad)
 
 
+def test_one_pass_reuses_the_saved_states_once(config):
+    """With ``onepass_reuse_states`` (the default) the one-pass backward writes its chunk pulls over the saved
+    boundary states: the same gradients as with buffers of their own, bit for bit, and a second backward
+    through the graph raises, naming the setting, instead of reading the overwritten states; without it two
+    backwards agree."""
+    gen = torch.Generator().manual_seed(8)
+    xs = make_inputs(2, 37, 2, 5, 12, gen)
+    config.update(backward="one_pass", onepass_sub=3)
+
+    def backwards(reuse: bool, n: int) -> list[list[torch.Tensor]]:
+        config["onepass_reuse_states"] = reuse
+        leaves = [x.detach().float().requires_grad_(True) for x in xs]
+        q, k, u, beta, la, ip, mu0, I0 = leaves
+        y, var, (mu, I) = chunk_palimpsa(
+            q, k, u, beta, la, ip, initial_state=(mu0, I0), output_final_state=True, output_variance=True,
+            chunk_size=16,
+        )  # fmt: skip
+        loss = (y * y).sum() + var.sum() + (mu * I).sum()
+        return [list(torch.autograd.grad(loss, leaves, retain_graph=True)) for _ in range(n)]
+
+    kept = backwards(False, 2)
+    for name, a, b in zip(NAMES[4:], *kept, strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="onepass_reuse_states"):
+        backwards(True, 2)
+    (reused,) = backwards(True, 1)
+    for name, a, b in zip(NAMES[4:], reused, kept[0], strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["no-states", "init-and-final"])
 @pytest.mark.parametrize("gates", ["normal", "extreme"])
 def test_decay_and_prior_gradients_follow_from_the_identity(full, gates):

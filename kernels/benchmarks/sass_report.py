@@ -54,7 +54,8 @@ SHAPES = {
 }
 # pointer arguments that are not in the inputs' dtype
 FP32_POINTERS = {"la", "om", "ip", "hm", "hi", "dhm", "dhi", "lm", "li", "h0m", "h0i", "hTm", "hTi", "dTm",
-                 "dTi", "d0m", "d0i", "zla", "dc", "dla"}  # fmt: skip
+                 "dTi", "d0m", "d0i", "zla", "dc"}  # fmt: skip
+FP64_POINTERS = {"dip", "dla", "tot"}  # the Ip gradient's partial sums; d log alpha's chunk parts and totals
 INT_POINTERS = {"cu", "chunk_index", "chunk_offsets"}
 SHOWN = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "BAR", "HGMMA", "HMMA", "LDS", "STS", "LDG", "STG", "RED")
 OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # '/*0a30*/ @P0 FFMA ...'
@@ -76,7 +77,7 @@ def _signature(
             sig[name] = "*fp32"
         elif name in INT_POINTERS:
             sig[name] = "*i32"
-        elif name == "dip":
+        elif name in FP64_POINTERS:
             sig[name] = "*fp64"
         elif name in FP32_POINTERS or (atomic and name in ("dq", "dk")):
             sig[name] = "*fp32"

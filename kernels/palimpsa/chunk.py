@@ -392,6 +392,10 @@ CONFIG: dict[str, int | str] = {
     # the one-pass backward's d log alpha: "identity" (no per-element work; its error is absolute, see
     # chunk_onepass) or "direct" (alpha_t <dS_t, S_{t-1}> per element: three more FP32 ops per element-token)
     "onepass_dla": "identity",
+    # the one-pass backward with the identity writes its chunk pulls over the saved boundary states (after the
+    # walk nothing reads them): its peak memory drops by the states' size, 512 MiB at design-3. A second
+    # backward through the same graph (retain_graph=True) then raises; False keeps the states
+    "onepass_reuse_states": True,
     # the one-pass backward's walk: "triton" (_walk_bwd), "cuda" (walk_bwd.cu, built with nvcc on first use;
     # identity d log alpha, chunk_size 64, K <= 128) or "auto" (CUDA where it can run, else Triton). H200:
     # the CUDA walk 2.7x to 3.1x faster than the Triton walk from K * V = 2304 up, 1.8x at 512 (notes.md,
@@ -515,6 +519,12 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
     def backward(ctx, dy, dvar, dTm, dTi):
         """Steps 3-4 (local pulls, reverse scan over chunks), then step 5 for the per-token gradients; or the
         one-pass backward of ``chunk_onepass`` (``CONFIG["backward"]``)."""
+        if getattr(ctx, "states_reused", False):
+            raise RuntimeError(
+                "a second backward through the chunked Palimpsa op: its first one-pass backward wrote over "
+                "the saved chunk states; set kernels.palimpsa.chunk.CONFIG['onepass_reuse_states'] = False "
+                "before the first backward to run several"
+            )
         q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi = ctx.saved_tensors
         scale, layout, C, use_init, output_final = ctx.meta
         _, TT, H, K = q.shape
@@ -529,10 +539,11 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             dTm = torch.zeros_like(hTm) if dTm is None else dTm.contiguous()
             dTi = torch.zeros_like(hTi) if dTi is None else dTi.contiguous()
         # imported here: chunk_onepass builds on this module's kernels (scan, helpers, CONFIG)
-        from kernels.palimpsa.chunk_onepass import cuda_walk_possible, onepass_backward
+        from kernels.palimpsa.chunk_onepass import cuda_walk_possible, onepass_backward, reuses_states
 
         cuda_walk = CONFIG["backward"] == "auto" and cuda_walk_possible(q, V, C)
         if backward_path(K, V, cuda_walk) == "one_pass":
+            ctx.states_reused = reuses_states()
             dq, dk, du, db, dla, dip, d0m, d0i = onepass_backward(
                 q, k, u, beta, log_alpha, om, ip, hm, hi, hTm, hTi, dy, dvar, has_dvar,
                 dTm if has_dfinal else None, dTi if has_dfinal else None, scale, layout, C,

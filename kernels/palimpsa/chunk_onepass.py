@@ -30,18 +30,22 @@ homogeneous of degree 0 in ``(M, I)`` (the variance of degree -1). That gives, e
 with ``z_t`` the sum over the whole ``[V, K]`` state of the read-out's direct adjoint on ``I_t``
 (``-g_t M_t / I_t^2`` and the variance's ``-w_t q_t^2 / I_t^2``) and ``dS_T`` the final state's gradient;
 ``d log alpha_s = sum_{t >= s} dL/dc_t`` within the sequence and the kernel's ``Ip`` gradient is
-``sum_t z_t`` (the initial and final states' share is torch's, in ``chunk_palimpsa``). The tail of that sum
-past chunk ``c`` is one inner product, ``<E_c, S after chunk c>`` (the next boundary state, or the final
-state), so each chunk sums only its own tokens (float64, ``C`` scalars) and no cancellation spans more than a
-chunk. The walk forms the ``dS^loc`` part of each ``dL/dc_t`` from sums it makes anyway, the correction
-kernel the ``E_c`` part from its products: no per-element buffer, no atomic. Accuracy: the terms cancel to
-``alpha_s <dS_s, S_{s-1}>``, so the error is fp32 rounding of the largest ``|<u_t, du_t>|``-sized term in
-the chunk, absolute rather than relative to ``d log alpha_s``; the interpreter tests against float64 give
-about 3e-7 (norm-relative) with ordinary gates and up to 3e-5 with extreme ones (alpha = e^-30 next to
-1 - 1e-7, Ip = 1e-4 next to 1e4), where the per-element form gives 5e-8. ``CONFIG["onepass_dla"] = "direct"``
-takes that form instead: ``alpha_s <dS_s^loc, S_{s-1}>`` per element in the walk (three more FP32 ops per
-element-token), plus ``alpha_s e^{G_L - G_s} <E_c, S_{s-1}> = e^{G_L} <E_c, S_0> + sum_{j < s} e^{G_L - G_j}
-y_j`` from the correction's products, ``y_j = <k_j, E^M^T u_j> + <k_j^2, E^I^T beta_j>``.
+``sum_t z_t`` (the initial and final states' share is torch's, in ``chunk_palimpsa``). Each chunk sums its
+own tokens (float64, ``C`` scalars) and its total; ``_dla_tails`` adds to every chunk the totals of the
+sequence's later chunks (float64, from the last chunk back), whose start is ``<dS_T, S_T>`` on the final
+state. The walk forms the ``dS^loc`` part of each ``dL/dc_t`` from sums it makes anyway, the correction
+kernel the ``E_c`` part from its products: no per-element buffer, no atomic, and no boundary state is read
+after the walk, so the walk writes its pulls over them (``CONFIG["onepass_reuse_states"]``). Accuracy: the
+terms cancel to ``alpha_s <dS_s, S_{s-1}>``, so the error is the fp32 rounding of ``|<u_t, du_t>|``-sized
+terms summed over the rest of the sequence, absolute rather than relative to ``d log alpha_s``, and it grows
+with the tokens after ``s``. In the interpreter against float64 (norm-relative, chunks of 16): 3.8e-7 at 35
+tokens and 1.4e-6 at 400 with ordinary gates, 3.9e-6 and 1.7e-5 with extreme ones (alpha = e^-30 next to
+1 - 1e-7, Ip = 1e-4 next to 1e4). The tail as one inner product with the next boundary state, which keeps
+the states, gave 2.6e-7 / 4.0e-7 and 2.4e-6 / 1.7e-6; the per-element form gives 5e-8.
+``CONFIG["onepass_dla"] = "direct"`` takes that form instead: ``alpha_s <dS_s^loc, S_{s-1}>`` per element
+in the walk (three more FP32 ops per element-token), plus ``alpha_s e^{G_L - G_s} <E_c, S_{s-1}> = e^{G_L}
+<E_c, S_0> + sum_{j < s} e^{G_L - G_j} y_j`` from the correction's products, ``y_j = <k_j, E^M^T u_j> +
+<k_j^2, E^I^T beta_j>``.
 
 Kernels (per chunk ``c`` of ``C`` tokens, head ``h``)
   1. ``_walk_bwd`` per (V block, chunk, head): walk the chunk backwards from a zero adjoint in sub-chunks of
@@ -52,11 +56,15 @@ Kernels (per chunk ``c`` of ``C`` tokens, head ``h``)
      ``alpha_1 dS_1^loc = sum_t e^{G_t} D_t``, and its share of the ``Ip`` gradient.
   2. ``chunk._scan_bwd``: reverse scan over chunks, ``E_{c-1} = pull_c + e^{G_L} E_c``.
   3. ``_correct_bwd`` per (chunk, head): the four products above, added in place to ``du, dbeta, dk``; the
-     ``E_c`` part of ``dL/dc_t``, ``-e^{G_L - G_t} y_t``; the chunk's reverse sum and ``<E_c, S after>``,
-     written as ``d log alpha``.
+     ``E_c`` part of ``dL/dc_t``, ``-e^{G_L - G_t} y_t``; the chunk's reverse sum (plus ``<dS_T, S_T>`` in
+     a sequence's last chunk) and its total.
+  4. ``_dla_tails`` per (sequence, head): each chunk's sum plus the later chunks' totals, ``d log alpha``.
 
 Against the two-pass backward this drops ``_local_bwd`` (a second elementwise replay of every token) and the
 per-row d-log-alpha buffer (``[T, H, V]`` fp32); the walk needs no ``E_c`` so it has no cross-chunk input.
+Memory: the pulls and then ``E_c`` live in the saved boundary states' buffers (a second backward through the
+same graph then raises; ``CONFIG["onepass_reuse_states"] = False`` keeps the states), and the fp32 ``dq``
+summed over V blocks is rounded to the input dtype before the scan and the correction allocate.
 The walk's local ``du, dbeta`` (and ``dk`` when one V block covers V) are stored in the gradients' dtype and
 corrected in place: exact for fp32 inputs, one extra rounding for 16-bit ones (as fla adds its bf16 parts).
 """
@@ -211,7 +219,7 @@ def _walk_bwd(
 
 @triton.jit
 def _correct_bwd(
-    k, u, beta, la, hm, hi, hTm, hTi, dhm, dhi, du, db, dk, dc, dla, cu, chunk_index, TT,
+    k, u, beta, la, hm, hi, hTm, hTi, dhm, dhi, du, db, dk, dc, dla, tot, cu, chunk_index, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, HAS_DFINAL: tl.constexpr, DLA_DIRECT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -230,12 +238,12 @@ def _correct_bwd(
     if DLA_DIRECT:  # the state before the chunk
         s_mp, s_ip, s_off, v_s = hm, hi, base, V
     else:
-        # the state after it: the next chunk's boundary state, or the final state (read only with a
-        # final-state gradient; without one E_c of a sequence's last chunk is zero)
-        s_mp, s_ip = tl.where(last, hTm, hm), tl.where(last, hTi, hi)
-        s_off = tl.where(last, (n.to(tl.int64) * H + h) * V * K, base + H * V * K)
-        v_s = tl.where(last & (not HAS_DFINAL), 0, V)  # (a scalar condition folded into the bound)
-    e_s = 0.0  # <E_c, S>, S the state before (direct form) or after (identity) the chunk
+        # a sequence's last chunk: the final state, read only with a final-state gradient (E_c is that
+        # gradient there, and zero without one); every other chunk's tail comes from the later chunks' sums
+        # (_dla_tails), and the boundary states may hold the chunks' pulls by now
+        s_mp, s_ip, s_off = hTm, hTi, (n.to(tl.int64) * H + h) * V * K
+        v_s = tl.where(last & HAS_DFINAL, V, 0)  # (a scalar condition folded into the bound)
+    e_s = 0.0  # <E_c, S>, S the state before the chunk (direct form) or the final state (identity)
     # du and dbeta sum over K: per V block, products accumulated over K blocks
     for v0 in range(0, V, BV):
         ov = v0 + tl.arange(0, BV)
@@ -297,10 +305,33 @@ def _correct_bwd(
         # alpha_s e^{G_L - G_s} <E_c, S_{s-1}> = e^{G_L} <E_c, S_0> + sum_{j < s} e^{G_L - G_j} y_j
         d_la = d_w + tl.exp(g_l).to(tl.float64) * e_s.to(tl.float64) + (tl.cumsum(y, axis=0) - y)
     else:
-        # d log alpha_s = sum_{t >= s} dL/dc_t: the chunk's own tokens, then everything after it in one term,
-        # so the terms' cancellation never spans more than one chunk
+        # d log alpha_s = sum_{t >= s} dL/dc_t: the chunk's own tokens here (float64), the later chunks' in
+        # _dla_tails from each chunk's total
         d_la = tl.cumsum(d_w - y, axis=0, reverse=True) + e_s.to(tl.float64)
-    tl.store(dla + rows, d_la.to(tl.float32), mask=mt)
+        tl.store(tot + ic * H + h, tl.sum(d_w - y, axis=0) + e_s.to(tl.float64))
+    tl.store(dla + rows, d_la, mask=mt)
+
+
+@triton.jit
+def _dla_tails(
+    local, tot, dla, cu, chunk_offsets, H: tl.constexpr, C: tl.constexpr,
+):  # fmt: skip
+    """``d log alpha`` of the identity: each chunk's own part (``local``, float64) plus the totals of the
+    sequence's later chunks, summed in float64 from its last chunk back."""
+    inh = tl.program_id(0)
+    n, h = inh // H, inh % H
+    bos, eos = tl.load(cu + n).to(tl.int64), tl.load(cu + n + 1).to(tl.int64)
+    boff = tl.load(chunk_offsets + n).to(tl.int64)
+    nt = tl.cdiv(eos - bos, C)
+    tc = tl.arange(0, C)
+    tail = tl.zeros([1], dtype=tl.float64)
+    for j in range(nt):
+        i = nt - 1 - j
+        tok = bos + i * C + tc
+        m = tok < eos
+        d_la = tl.load(local + tok * H + h, mask=m, other=0.0) + tail
+        tl.store(dla + tok * H + h, d_la.to(dla.dtype.element_ty), mask=m)
+        tail += tl.load(tot + (boff + i) * H + h)
 
 
 def _use_cuda_walk(q: Tensor, V: int, C: int, direct: bool) -> bool:
@@ -332,10 +363,11 @@ def cuda_walk_possible(q: Tensor, V: int, C: int) -> bool:
 def _triton_walk(
     q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor,
     hm: Tensor, hi: Tensor, dy: Tensor, dvar: Tensor, has_dvar: bool, scale: float, layout: SequenceLayout,
-    C: int, sub: int,
+    C: int, sub: int, in_place: bool = False,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """``_walk_bwd`` over every (V block, chunk, head): ``dq, dk, du, db, dc, dip``, the chunks' pulls and
-    the number of V blocks."""
+    """``_walk_bwd`` over every (V block, chunk, head): ``dq, dk, du, db, dc, dip``, the chunks' pulls (over
+    ``hm, hi`` when ``in_place``: a program reads its tile of the boundary state before it writes the pull
+    there) and the number of V blocks."""
     _, TT, H, K = q.shape
     V = u.shape[-1]
     NT = layout.num_chunks
@@ -349,8 +381,8 @@ def _triton_walk(
     db = torch.empty_like(beta)
     dc = q.new_empty(NV, TT, H, dtype=torch.float32)  # the walk's part of dL/dc_t, per V block
     dip = q.new_empty(NV, NT, H, dtype=torch.float64)
-    dhm = torch.empty_like(hm)  # the chunks' pulls; the scan turns them into E_c in place
-    dhi = torch.empty_like(hi)
+    # the chunks' pulls; the scan turns them into E_c in place
+    dhm, dhi = (hm, hi) if in_place else (torch.empty_like(hm), torch.empty_like(hi))
     _walk_bwd[(NV, NT, H)](
         q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, dhm, dhi,
         layout.cu_seqlens, layout.chunk_index, scale, TT,
@@ -361,13 +393,20 @@ def _triton_walk(
     return dq, dk, du, db, dc, dip, dhm, dhi, NV
 
 
+def reuses_states() -> bool:
+    """True where the one-pass backward writes its chunk pulls over the saved boundary states (its identity
+    form reads no boundary state after the walk): ``CONFIG["onepass_reuse_states"]``."""
+    return bool(CONFIG["onepass_reuse_states"]) and CONFIG["onepass_dla"] == "identity"
+
+
 def onepass_backward(
     q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor,
     hm: Tensor, hi: Tensor, hTm: Tensor | None, hTi: Tensor | None, dy: Tensor, dvar: Tensor, has_dvar: bool,
     dTm: Tensor | None, dTi: Tensor | None, scale: float, layout: SequenceLayout, C: int,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """``dq, dk, du, dbeta, d log alpha, dIp, dM_0, dIbar_0`` (input dtypes; ``om``: ``1 - alpha`` per token;
-    ``dTm``/``dTi``: the final raw states' gradients, both given or both ``None``)."""
+    ``dTm``/``dTi``: the final raw states' gradients, both given or both ``None``). With ``reuses_states()``
+    ``hm`` and ``hi`` hold the scan's ``E_c`` afterwards."""
     if CONFIG["onepass_sub"] < 1:
         raise ValueError(
             f"CONFIG['onepass_sub'] is the sub-chunk length, at least 1; got {CONFIG['onepass_sub']}"
@@ -375,6 +414,7 @@ def onepass_backward(
     if CONFIG["onepass_dla"] not in ("identity", "direct"):
         raise ValueError(f"CONFIG['onepass_dla'] is 'identity' or 'direct'; got {CONFIG['onepass_dla']!r}")
     direct = CONFIG["onepass_dla"] == "direct"
+    in_place = reuses_states()
     _, TT, H, K = q.shape
     V = u.shape[-1]
     N, NT = layout.num_seqs, layout.num_chunks
@@ -385,14 +425,14 @@ def onepass_backward(
     if _use_cuda_walk(q, V, C, direct):
         from kernels.palimpsa import cuda_build, walk_cuda  # built with nvcc on first use
 
-        walked = cuda_build.run_or_fall_back(
+        dq, dk, du, db, dc, dip, dhm, dhi, NV = cuda_build.run_or_fall_back(
             CONFIG["onepass_walk"],
-            lambda: walk_cuda.walk_bwd(*walk_args, sub),
-            lambda: _triton_walk(*walk_args, sub),
+            lambda: walk_cuda.walk_bwd(*walk_args, sub, in_place),
+            lambda: _triton_walk(*walk_args, sub, in_place),
         )
     else:
-        walked = _triton_walk(*walk_args, sub)
-    dq, dk, du, db, dc, dip, dhm, dhi, NV = walked
+        dq, dk, du, db, dc, dip, dhm, dhi, NV = _triton_walk(*walk_args, sub, in_place)
+    dq = dq.to(q.dtype)  # final (no correction): an fp32 sum over V blocks goes before the next buffers come
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
     d0i = torch.empty_like(d0m)
@@ -404,15 +444,20 @@ def onepass_backward(
     )  # fmt: skip
     BKc = min(max(16, next_pow2(K)), CONFIG["correct_block"])
     BVc = min(max(16, next_pow2(V)), CONFIG["correct_block"])
-    dla = torch.empty(log_alpha.shape, device=q.device, dtype=torch.float32)
+    # d log alpha in float64: whole (direct form), or each chunk's own part and its total (identity)
+    dla = torch.empty(log_alpha.shape, device=q.device, dtype=torch.float64)
+    tot = q.new_empty(NT, H, dtype=torch.float64)
     _correct_bwd[(NT, H)](
         k, u, beta, log_alpha, hm, hi, hTm if has_dfinal else hm, hTi if has_dfinal else hi, dhm, dhi,
-        du, db, dk, dc, dla, layout.cu_seqlens, layout.chunk_index, TT,
+        du, db, dk, dc, dla, tot, layout.cu_seqlens, layout.chunk_index, TT,
         H=H, K=K, V=V, C=C, BK=BKc, BV=BVc, NV=NV, HAS_DFINAL=has_dfinal, DLA_DIRECT=direct, PREC=prec,
         num_warps=CONFIG["correct_warps"],
     )  # fmt: skip
+    if not direct:
+        local, dla = dla, torch.empty(log_alpha.shape, device=q.device, dtype=log_alpha.dtype)
+        _dla_tails[(N * H,)](local, tot, dla, layout.cu_seqlens, layout.chunk_offsets, H=H, C=C)
     return (
-        dq.to(q.dtype),
+        dq,
         dk.to(k.dtype),
         du,
         db,

@@ -17,6 +17,10 @@
 //   C     chunk length (64)                        IN_T input dtype: 0 fp32, 1 bf16, 2 fp16
 //   HAS_DVAR  the variance has a gradient          ATOMIC  dk, dq are fp32 sums over V blocks
 //   MINB  blocks a multiprocessor should hold at once (caps the registers a thread)
+//
+// The pulls lm, li may be written over the boundary states hm, hi (walk_cuda.py's in_place): each thread reads
+// its own elements of the boundary state before it writes its pull to them, so those four pointers carry no
+// __restrict__.
 #include "cuda_common.cuh"
 
 #if ATOMIC
@@ -38,10 +42,10 @@ static_assert(THREADS % 32 == 0 && THREADS <= 1024, "bad block shape");
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ u,
     const in_t* __restrict__ beta, const float* __restrict__ la, const float* __restrict__ om,
-    const float* __restrict__ ip, const float* __restrict__ hm, const float* __restrict__ hi,
+    const float* __restrict__ ip, const float* hm, const float* hi,
     const in_t* __restrict__ dy, const in_t* __restrict__ dvar, kq_t* __restrict__ dq,
     kq_t* __restrict__ dk, in_t* __restrict__ du, in_t* __restrict__ db, float* __restrict__ dc,
-    double* __restrict__ dip, float* __restrict__ lm, float* __restrict__ li, const int* __restrict__ cu,
+    double* __restrict__ dip, float* lm, float* li, const int* __restrict__ cu,
     const int* __restrict__ chunk_index, float scale, int TT, int H, int K, int V, int NT) {
   extern __shared__ __align__(16) float smem[];
   double* zred = reinterpret_cast<double*>(smem);           // [THREADS / 32] the Ip gradient, per warp

@@ -91,9 +91,11 @@ def walk_shape(K: int, V: int, dtype: torch.dtype, sub: int, has_dvar: bool) -> 
 def walk_bwd(
     q: Tensor, k: Tensor, u: Tensor, beta: Tensor, log_alpha: Tensor, om: Tensor, ip: Tensor,
     hm: Tensor, hi: Tensor, dy: Tensor, dvar: Tensor, has_dvar: bool, scale: float, layout: SequenceLayout,
-    C: int, sub: int, launcher: Launcher | None = None,
+    C: int, sub: int, in_place: bool = False, launcher: Launcher | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """``dq, dk, du, db, dc, dip, lm, li`` as ``chunk_onepass._walk_bwd`` leaves them, and the V blocks.
+    """``dq, dk, du, db, dc, dip, lm, li`` as ``chunk_onepass._walk_bwd`` leaves them, and the V blocks;
+    ``in_place``: the pulls ``lm, li`` over ``hm, hi`` (a thread reads its elements of the boundary state
+    before it writes its pull there).
 
     ``launcher`` runs the kernel (default: on the GPU); the tests pass one that runs the same source on the
     CPU. Its ``args`` are ctypes values in the kernel's parameter order.
@@ -116,8 +118,7 @@ def walk_bwd(
     db = torch.empty(beta.shape, device=q.device, dtype=q.dtype)
     dc = q.new_zeros(NV, TT, H, dtype=torch.float32)  # blocks add their rows' share
     dip = q.new_empty(NV, NT, H, dtype=torch.float64)
-    lm = torch.empty_like(hm)
-    li = torch.empty_like(hi)
+    lm, li = (hm, hi) if in_place else (torch.empty_like(hm), torch.empty_like(hi))
     la = log_alpha.contiguous().float()
     tensors = [*ins[:4], la, om.contiguous().float(), ip.contiguous().float(), hm, hi, *ins[4:]]
     tensors += [dq, dk, du, db, dc, dip, lm, li, layout.cu_seqlens, layout.chunk_index]
