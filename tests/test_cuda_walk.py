@@ -29,7 +29,7 @@ from kernels.palimpsa import chunk, chunk_onepass, cuda_build, walk_cuda  # noqa
 from kernels.palimpsa.chunk import chunk_palimpsa  # noqa: E402
 
 CPU = torch.device("cpu")
-OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
+OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_S0", "pull_M", "pull_I"]
 
 
 WALK_CASES = {
@@ -51,8 +51,8 @@ def test_cuda_walk_matches_the_triton_walk(case):
     want = chunk_onepass._triton_walk(*args)
     got = walk_cuda.walk_bwd(*args, launcher=cuda_emulator.launch)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the stored gradients round differently
-    for name, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
-        if name in ("dc", "dip"):  # per V block: the two walks may cut V differently
+    for name, a, b in zip(OUTPUTS, got[:9], want[:9], strict=True):
+        if name in ("dc", "dip", "pull_S0"):  # per V block: the two walks may cut V differently
             a, b = a.sum(0), b.sum(0)
         assert torch.isfinite(a).all(), name
         assert rel(a, b) < tol, (name, rel(a, b))
@@ -71,8 +71,8 @@ def test_walk_writes_its_pulls_over_the_boundary_states(walk):
     want = run(*args)
     hm, hi = args[7].clone(), args[8].clone()
     got = run(*args[:7], hm, hi, *args[9:], in_place=True)
-    assert got[6] is hm and got[7] is hi
-    for name, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
+    assert got[7] is hm and got[8] is hi
+    for name, a, b in zip(OUTPUTS, got[:9], want[:9], strict=True):
         assert torch.equal(a, b), name
 
 

@@ -24,7 +24,7 @@ from kernels.palimpsa import chunk, chunk_onepass, output_cuda, walk_cuda
 from kernels.palimpsa.utils import dot_precision, sequence_layout
 
 DEV = torch.device("cuda")
-OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_M", "pull_I"]
+OUTPUTS = ["dq", "dk", "du", "dbeta", "dc", "dip", "pull_S0", "pull_M", "pull_I"]
 CASES = [  # name, (B, T, H, K, V), dtype, gates, cu_seqlens, variance gradient
     ("K=V=64", (2, 256, 2, 64, 64), torch.float32, "normal", None, False),
     ("K=V=64, variance", (2, 256, 2, 64, 64), torch.float32, "normal", None, True),
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         xs = walk_args(*shape, dtype, gates, cu, has_dvar)
         want, got = chunk_onepass._triton_walk(*xs), walk_cuda.walk_bwd(*xs)
         errs = []
-        for out, a, b in zip(OUTPUTS, got[:8], want[:8], strict=True):
-            errs.append(rel(a.sum(0), b.sum(0)) if out in ("dc", "dip") else rel(a, b))
+        for out, a, b in zip(OUTPUTS, got[:9], want[:9], strict=True):
+            errs.append(rel(a.sum(0), b.sum(0)) if out in ("dc", "dip", "pull_S0") else rel(a, b))
         if dtype == torch.float32:
             worst = max(worst, *errs)
         cells = " | ".join(f"{e:.1e}" for e in errs)

@@ -9,7 +9,8 @@ backward with its CUDA walk on every case that walk takes (the others say which 
 fp32 inputs must reach relative error <= 1e-5 on every output and <= 1e-4 on every input gradient
 (``||x - ref|| / ||ref||``); bf16 inputs are reported against the same reference for information.
 Inputs are fresh random draws each run. Cases cover odd K and V, T not a multiple of the chunk,
-varlen batches, initial and final states, the variance, K = V = 256, and extreme gates (two draws).
+varlen batches, initial and final states, the variance, K = V = 256, extreme gates (two draws) and
+sequences of 64 chunks.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main(argv=None):
         ("varlen 3 seqs", (1, 333, 2, 48, 64), "normal", [0, 70, 71, 333]),
         ("extreme gates", (2, 200, 2, 32, 48), "extreme", None),
         ("extreme gates, 2nd draw", (2, 200, 2, 32, 48), "extreme", None),
+        # d log alpha's tail sums the later chunks' totals: its rounding grows with the sequence
+        ("64 chunks", (1, 4096, 2, 64, 64), "normal", None),
+        ("64 chunks, extreme gates", (1, 4096, 2, 32, 48), "extreme", None),
     ]
     lines = [
         f"# GPU check: Triton Palimpsa vs float64 recurrence\n\n{torch.cuda.get_device_name()}, torch "

@@ -30,18 +30,24 @@ homogeneous of degree 0 in ``(M, I)`` (the variance of degree -1). That gives, e
 with ``z_t`` the sum over the whole ``[V, K]`` state of the read-out's direct adjoint on ``I_t``
 (``-g_t M_t / I_t^2`` and the variance's ``-w_t q_t^2 / I_t^2``) and ``dS_T`` the final state's gradient;
 ``d log alpha_s = sum_{t >= s} dL/dc_t`` within the sequence and the kernel's ``Ip`` gradient is
-``sum_t z_t`` (the initial and final states' share is torch's, in ``chunk_palimpsa``). Each chunk sums its
-own tokens (float64, ``C`` scalars) and its total; ``_dla_tails`` adds to every chunk the totals of the
-sequence's later chunks (float64, from the last chunk back), whose start is ``<dS_T, S_T>`` on the final
-state. The walk forms the ``dS^loc`` part of each ``dL/dc_t`` from sums it makes anyway, the correction
-kernel the ``E_c`` part from its products: no per-element buffer, no atomic, and no boundary state is read
-after the walk, so the walk writes its pulls over them (``CONFIG["onepass_reuse_states"]``). Accuracy: the
-terms cancel to ``alpha_s <dS_s, S_{s-1}>``, so the error is the fp32 rounding of ``|<u_t, du_t>|``-sized
-terms summed over the rest of the sequence, absolute rather than relative to ``d log alpha_s``, and it grows
-with the tokens after ``s``. In the interpreter against float64 (norm-relative, chunks of 16): 3.8e-7 at 35
-tokens and 1.4e-6 at 400 with ordinary gates, 3.9e-6 and 1.7e-5 with extreme ones (alpha = e^-30 next to
-1 - 1e-7, Ip = 1e-4 next to 1e4). The tail as one inner product with the next boundary state, which keeps
-the states, gave 2.6e-7 / 4.0e-7 and 2.4e-6 / 1.7e-6; the per-element form gives 5e-8.
+``sum_t z_t`` (the initial and final states' share is torch's, in ``chunk_palimpsa``). The walk forms the
+``dS^loc`` part of each ``dL/dc_t`` from sums it makes anyway, the correction kernel the ``E_c`` part from its
+products: no per-element buffer, no atomic. Each chunk sums its own tokens (float64, ``C`` scalars); the rest
+of the sequence enters through chunk totals. With ``X_c = <E_c, S after chunk c>`` (``d log alpha`` at the
+next chunk's first token) a chunk's total is
+
+    X_{c-1} - X_c = <pull_c, S_0> - <E_c, Delta_c>,   <E_c, Delta_c> = sum_t e^{G_L - G_t} y_t
+
+(``S_0`` the state before the chunk, ``Delta_c`` what its tokens add to the state, ``y_t`` below): two inner
+products the walk and the correction form anyway, and ``_dla_tails`` sums them from each sequence's last
+chunk back (float64, starting from ``<dS_T, S_T>`` on the final state). No boundary state is read after the
+walk, so the walk writes its pulls over them (``CONFIG["onepass_reuse_states"]``). Accuracy: the terms
+cancel to ``alpha_s <dS_s, S_{s-1}>``, so the error is absolute rather than relative to ``d log alpha_s``:
+the fp32 rounding of ``|<u_t, du_t>|``-sized terms inside the chunk plus one pair of inner products per later
+chunk. In the interpreter against float64 (norm-relative, chunks of 16): 2.5e-7 at 35 tokens and 5.4e-7 at
+400 with ordinary gates, 2.4e-6 and 1.7e-6 with extreme ones (alpha = e^-30 next to 1 - 1e-7, Ip = 1e-4
+next to 1e4), as with ``X_c`` read from the next boundary state; summing the chunks' per-token terms instead
+gave 1.4e-6 and 1.7e-5 at 400, growing with the tokens after ``s``. The per-element form gives 5e-8.
 ``CONFIG["onepass_dla"] = "direct"`` takes that form instead: ``alpha_s <dS_s^loc, S_{s-1}>`` per element
 in the walk (three more FP32 ops per element-token), plus ``alpha_s e^{G_L - G_s} <E_c, S_{s-1}> = e^{G_L}
 <E_c, S_0> + sum_{j < s} e^{G_L - G_j} y_j`` from the correction's products, ``y_j = <k_j, E^M^T u_j> +
@@ -53,11 +59,12 @@ Kernels (per chunk ``c`` of ``C`` tokens, head ``h``)
      state by one masked product, its S tokens are replayed elementwise and kept on chip. Per token: the
      local ``du, dbeta`` (sums over K, complete), ``dk, dq`` (sums over V; atomic in fp32 across V blocks),
      this V block's share of the walk's part of ``dL/dc_t``; per chunk: its pull on the start state,
-     ``alpha_1 dS_1^loc = sum_t e^{G_t} D_t``, and its share of the ``Ip`` gradient.
+     ``alpha_1 dS_1^loc = sum_t e^{G_t} D_t`` (over the boundary state with ``onepass_reuse_states``),
+     ``<pull, S_0>`` and its share of the ``Ip`` gradient.
   2. ``chunk._scan_bwd``: reverse scan over chunks, ``E_{c-1} = pull_c + e^{G_L} E_c``.
   3. ``_correct_bwd`` per (chunk, head): the four products above, added in place to ``du, dbeta, dk``; the
      ``E_c`` part of ``dL/dc_t``, ``-e^{G_L - G_t} y_t``; the chunk's reverse sum (plus ``<dS_T, S_T>`` in
-     a sequence's last chunk) and its total.
+     a sequence's last chunk) and its total from the two inner products.
   4. ``_dla_tails`` per (sequence, head): each chunk's sum plus the later chunks' totals, ``d log alpha``.
 
 Against the two-pass backward this drops ``_local_bwd`` (a second elementwise replay of every token) and the
@@ -83,7 +90,7 @@ from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2
 @triton.jit
 def _walk_bwd(
     q, k, u, beta, la, om, ip, hm, hi, do, dvar,
-    dq, dk, du, db, dc, dip, lm, li, cu, chunk_index, scale, TT,
+    dq, dk, du, db, dc, dip, ps, lm, li, cu, chunk_index, scale, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, HAS_DVAR: tl.constexpr, ATOMIC: tl.constexpr,
     DLA_DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, PREC: tl.constexpr,
@@ -215,11 +222,14 @@ def _walk_bwd(
     tl.store(lm + base + s_vk, a_next * gm, mask=mvk)
     tl.store(li + base + s_vk, a_next * gi, mask=mvk)
     tl.store(dip + (iv * tl.num_programs(1) + ic) * H + h, tl.sum(zacc, axis=0))
+    # <pull, S_0>: the chunk's sum of the dS^loc part of dL/dc_t, as one inner product (the identity's tail)
+    p_s = a_next * tl.sum(gm * sm + gi * si)
+    tl.store(ps + (iv * tl.num_programs(1) + ic) * H + h, p_s.to(tl.float64))
 
 
 @triton.jit
 def _correct_bwd(
-    k, u, beta, la, hm, hi, hTm, hTi, dhm, dhi, du, db, dk, dc, dla, tot, cu, chunk_index, TT,
+    k, u, beta, la, hm, hi, hTm, hTi, dhm, dhi, du, db, dk, dc, ps, dla, tot, cu, chunk_index, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NV: tl.constexpr, HAS_DFINAL: tl.constexpr, DLA_DIRECT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -308,7 +318,12 @@ def _correct_bwd(
         # d log alpha_s = sum_{t >= s} dL/dc_t: the chunk's own tokens here (float64), the later chunks' in
         # _dla_tails from each chunk's total
         d_la = tl.cumsum(d_w - y, axis=0, reverse=True) + e_s.to(tl.float64)
-        tl.store(tot + ic * H + h, tl.sum(d_w - y, axis=0) + e_s.to(tl.float64))
+        # the chunk's total, sum_t dL/dc_t = <pull, S_0> - <E_c, the chunk's own additions> (+ the final
+        # state's term): two inner products, not C per-token sums, carry the rounding into the tail
+        p_s = tl.zeros([1], dtype=tl.float64)
+        for j in tl.static_range(NV):
+            p_s += tl.load(ps + (j * tl.num_programs(0) + ic) * H + h)
+        tl.store(tot + ic * H + h + tl.arange(0, 1), p_s - tl.sum(y, axis=0) + e_s.to(tl.float64))
     tl.store(dla + rows, d_la, mask=mt)
 
 
@@ -381,16 +396,17 @@ def _triton_walk(
     db = torch.empty_like(beta)
     dc = q.new_empty(NV, TT, H, dtype=torch.float32)  # the walk's part of dL/dc_t, per V block
     dip = q.new_empty(NV, NT, H, dtype=torch.float64)
+    ps = torch.empty_like(dip)  # <pull, S_0> per V block
     # the chunks' pulls; the scan turns them into E_c in place
     dhm, dhi = (hm, hi) if in_place else (torch.empty_like(hm), torch.empty_like(hi))
     _walk_bwd[(NV, NT, H)](
-        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, dhm, dhi,
+        q, k, u, beta, log_alpha, om, ip, hm, hi, dy, dvar, dq, dk, du, db, dc, dip, ps, dhm, dhi,
         layout.cu_seqlens, layout.chunk_index, scale, TT,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, SUB=sub, HAS_DVAR=has_dvar, ATOMIC=atomic,
         DLA_DIRECT=CONFIG["onepass_dla"] == "direct", FAST_RCP=q.is_cuda, PREC=dot_precision(q.dtype),
         num_warps=num_warps("onepass_warps", BK, BV),
     )  # fmt: skip
-    return dq, dk, du, db, dc, dip, dhm, dhi, NV
+    return dq, dk, du, db, dc, dip, ps, dhm, dhi, NV
 
 
 def reuses_states() -> bool:
@@ -425,13 +441,13 @@ def onepass_backward(
     if _use_cuda_walk(q, V, C, direct):
         from kernels.palimpsa import cuda_build, walk_cuda  # built with nvcc on first use
 
-        dq, dk, du, db, dc, dip, dhm, dhi, NV = cuda_build.run_or_fall_back(
+        dq, dk, du, db, dc, dip, ps, dhm, dhi, NV = cuda_build.run_or_fall_back(
             CONFIG["onepass_walk"],
             lambda: walk_cuda.walk_bwd(*walk_args, sub, in_place),
             lambda: _triton_walk(*walk_args, sub, in_place),
         )
     else:
-        dq, dk, du, db, dc, dip, dhm, dhi, NV = _triton_walk(*walk_args, sub, in_place)
+        dq, dk, du, db, dc, dip, ps, dhm, dhi, NV = _triton_walk(*walk_args, sub, in_place)
     dq = dq.to(q.dtype)  # final (no correction): an fp32 sum over V blocks goes before the next buffers come
     has_dfinal = dTm is not None
     d0m = q.new_empty(N, H, V, K, dtype=torch.float32)
@@ -449,7 +465,7 @@ def onepass_backward(
     tot = q.new_empty(NT, H, dtype=torch.float64)
     _correct_bwd[(NT, H)](
         k, u, beta, log_alpha, hm, hi, hTm if has_dfinal else hm, hTi if has_dfinal else hi, dhm, dhi,
-        du, db, dk, dc, dla, tot, layout.cu_seqlens, layout.chunk_index, TT,
+        du, db, dk, dc, ps, dla, tot, layout.cu_seqlens, layout.chunk_index, TT,
         H=H, K=K, V=V, C=C, BK=BKc, BV=BVc, NV=NV, HAS_DFINAL=has_dfinal, DLA_DIRECT=direct, PREC=prec,
         num_warps=CONFIG["correct_warps"],
     )  # fmt: skip

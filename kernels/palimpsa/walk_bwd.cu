@@ -38,6 +38,7 @@ constexpr int NCK = C / BLOCK - 1;   // checkpoints kept in shared memory (the c
 static_assert(BLOCK % S == 0, "S must divide 16");
 static_assert(BV % 32 == 0, "a warp's row sums must belong to one token");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "bad block shape");
+static_assert(THREADS <= 512, "the block's two sums per warp must fit the 32 doubles of zred");
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ u,
@@ -45,10 +46,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     const float* __restrict__ ip, const float* hm, const float* hi,
     const in_t* __restrict__ dy, const in_t* __restrict__ dvar, kq_t* __restrict__ dq,
     kq_t* __restrict__ dk, in_t* __restrict__ du, in_t* __restrict__ db, float* __restrict__ dc,
-    double* __restrict__ dip, float* lm, float* li, const int* __restrict__ cu,
+    double* __restrict__ dip, double* __restrict__ ps, float* lm, float* li, const int* __restrict__ cu,
     const int* __restrict__ chunk_index, float scale, int TT, int H, int K, int V, int NT) {
   extern __shared__ __align__(16) float smem[];
-  double* zred = reinterpret_cast<double*>(smem);           // [THREADS / 32] the Ip gradient, per warp
+  double* zred = reinterpret_cast<double*>(smem);           // [2][THREADS / 32] the block's two sums, per warp
   float* ck = smem + 2 * 32;                                // [NCK][2][E][THREADS] checkpoints (thread-private)
   float* rowbuf = ck + NCK * 2 * E * THREADS;               // [S][LR][BV + 1][4] partial sums over K
   float* colbuf = rowbuf + S * LR * (BV + 1) * 4;           // [S][RG][KP][2] partial sums over V
@@ -326,20 +327,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) palimpsa_walk_bwd(
     }
   }
 
-  // the chunk's pull on its start state, alpha_1 dS_1^loc, and its share of the Ip gradient
+  // the chunk's pull on its start state, alpha_1 dS_1^loc, and <pull, start state> (the chunk's sum of the
+  // dS^loc part of dL/dc_t); the start state is read before the pull may overwrite it
+  float pacc = 0.f;
 #pragma unroll
   for (int e = 0; e < E; ++e)
     if (state_ok(e)) {
-      lm[state_index(e)] = a_next * gm[e];
-      li[state_index(e)] = a_next * gi[e];
+      const int64_t o = state_index(e);
+      const float pm = a_next * gm[e], pi = a_next * gi[e];
+      pacc = fmaf(pm, hm[o], fmaf(pi, hi[o], pacc));
+      lm[o] = pm;
+      li[o] = pi;
     }
+  // the block's sums: the Ip gradient and <pull, start state>
+  double pz = pacc;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) zacc += __shfl_xor_sync(0xffffffffu, zacc, o);
-  if ((tid & 31) == 0) zred[tid / 32] = zacc;
+  for (int o = 16; o > 0; o >>= 1) {
+    zacc += __shfl_xor_sync(0xffffffffu, zacc, o);
+    pz += __shfl_xor_sync(0xffffffffu, pz, o);
+  }
+  if ((tid & 31) == 0) { zred[tid / 32] = zacc; zred[THREADS / 32 + tid / 32] = pz; }
   __syncthreads();
   if (tid == 0) {
-    double z = 0.0;
-    for (int w = 0; w < THREADS / 32; ++w) z += zred[w];
+    double z = 0.0, pt = 0.0;
+    for (int w = 0; w < THREADS / 32; ++w) { z += zred[w]; pt += zred[THREADS / 32 + w]; }
     dip[((int64_t)iv * NT + ic) * H + h] = z;
+    ps[((int64_t)iv * NT + ic) * H + h] = pt;
   }
 }

@@ -93,7 +93,7 @@ def walk_bwd(
     hm: Tensor, hi: Tensor, dy: Tensor, dvar: Tensor, has_dvar: bool, scale: float, layout: SequenceLayout,
     C: int, sub: int, in_place: bool = False, launcher: Launcher | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """``dq, dk, du, db, dc, dip, lm, li`` as ``chunk_onepass._walk_bwd`` leaves them, and the V blocks;
+    """``dq, dk, du, db, dc, dip, ps, lm, li`` as ``chunk_onepass._walk_bwd`` leaves them, and the V blocks;
     ``in_place``: the pulls ``lm, li`` over ``hm, hi`` (a thread reads its elements of the boundary state
     before it writes its pull there).
 
@@ -118,10 +118,11 @@ def walk_bwd(
     db = torch.empty(beta.shape, device=q.device, dtype=q.dtype)
     dc = q.new_zeros(NV, TT, H, dtype=torch.float32)  # blocks add their rows' share
     dip = q.new_empty(NV, NT, H, dtype=torch.float64)
+    ps = torch.empty_like(dip)
     lm, li = (hm, hi) if in_place else (torch.empty_like(hm), torch.empty_like(hi))
     la = log_alpha.contiguous().float()
     tensors = [*ins[:4], la, om.contiguous().float(), ip.contiguous().float(), hm, hi, *ins[4:]]
-    tensors += [dq, dk, du, db, dc, dip, lm, li, layout.cu_seqlens, layout.chunk_index]
+    tensors += [dq, dk, du, db, dc, dip, ps, lm, li, layout.cu_seqlens, layout.chunk_index]
     args = pointer_args(tensors)
     args += [ctypes.c_float(scale), *(ctypes.c_int(n) for n in (TT, H, K, V, NT))]
     if launcher is None:
@@ -129,4 +130,4 @@ def walk_bwd(
             launch_on_gpu(shape, (NV, NT, H), args)
     else:
         launcher(shape, (NV, NT, H), args)
-    return dq, dk, du.to(u.dtype), db.to(beta.dtype), dc, dip, lm, li, NV
+    return dq, dk, du.to(u.dtype), db.to(beta.dtype), dc, dip, ps, lm, li, NV
