@@ -165,6 +165,20 @@ def test_extreme_gates_stay_finite_and_accurate(reverse_walk):
     assert_paths_close(out, grads, ref_out, ref_grad)
 
 
+def test_many_hard_resets_in_one_chunk_keep_fp32_accuracy():
+    """Full 64-token chunks with ~20 gates of e^-30 each: cumulative log-decays reach -600, whose fp32 ulp is
+    6e-5, so weights taken as differences of two cumulative sums lose that much; the chunk's weights from
+    the sums of the later tokens' log-decays keep the outputs at fp32 rounding (this draw: y 5.8e-6 and
+    mu_T 8.1e-6 with the differences)."""
+    gen = torch.Generator().manual_seed(2)
+    xs = make_inputs(1, 128, 2, 8, 12, gen, gates="extreme")
+    ref_out, ref_grad = forward_backward(naive_recurrent_palimpsa, xs, torch.float64, 23)
+    out, grads = forward_backward(_triton(64), xs, torch.float32, 23, paths=["two-pass", "one-pass"])
+    assert_close(out, ref_out, NAMES[:4], out_tol=1e-6, n_out=4)
+    for path, grad in grads.items():
+        assert_close(grad, ref_grad, NAMES[4:], grad_tol=1e-5, n_out=0, where=f"{path} backward: ")
+
+
 def test_one_pass_per_element_decay_gradient(config):
     """The one-pass backward with d log alpha in the per-element form (``onepass_dla = "direct"``): a varlen
     batch with extreme gates, two V blocks of the walk (dk, dq and the walk's d log alpha rows summed over

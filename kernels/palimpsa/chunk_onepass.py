@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, num_warps
+from kernels.palimpsa.chunk import CONFIG, RCP_ASM, _bv, _chunk_span, _scan_bwd, _to_chunk_end, num_warps
 from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2
 
 
@@ -241,9 +241,8 @@ def _correct_bwd(
     mt = tc < L
     rows = (t0 + tc) * H + h
     g = tl.load(la + rows, mask=mt, other=0.0).to(tl.float32)
-    gc = tl.cumsum(g, axis=0)
     g_l = tl.sum(g, axis=0)
-    w = tl.where(mt, tl.exp(g_l - gc), 0.0)  # e^{G_L - G_t}: token t to the chunk's end
+    w = tl.where(mt, _to_chunk_end(la, t0 + tc, t0 + L, h, H), 0.0)  # e^{G_L - G_t}, token t to the end
     base = (ic.to(tl.int64) * H + h) * V * K
     if DLA_DIRECT:  # the state before the chunk
         s_mp, s_ip, s_off, v_s = hm, hi, base, V
