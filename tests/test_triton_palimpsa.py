@@ -204,7 +204,7 @@ def test_one_pass_reuses_the_saved_states_once(config):
     xs = make_inputs(2, 37, 2, 5, 12, gen)
     config.update(backward="one_pass", onepass_sub=3)
 
-    def backwards(reuse: bool, n: int) -> list[list[torch.Tensor]]:
+    def backwards(reuse: object, n: int) -> list[list[torch.Tensor]]:
         config["onepass_reuse_states"] = reuse
         leaves = [x.detach().float().requires_grad_(True) for x in xs]
         q, k, u, beta, la, ip, mu0, I0 = leaves
@@ -223,6 +223,8 @@ def test_one_pass_reuses_the_saved_states_once(config):
     (reused,) = backwards(True, 1)
     for name, a, b in zip(NAMES[4:], reused, kept[0], strict=True):
         assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="onepass_reuse_states"):
+        backwards("False", 1)  # a string from a command line is not a switch
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["no-states", "init-and-final"])

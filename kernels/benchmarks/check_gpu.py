@@ -84,7 +84,7 @@ def main(argv=None):
         key, _, value = item.partition("=")
         if key not in chunk.CONFIG:
             ap.error(f"--set {item}: no chunk.CONFIG key {key!r}")
-        overrides[key] = int(value) if value.isdigit() else value
+        overrides[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
     chunk.CONFIG.update(overrides)
     if args.cuda_walk:
         chunk.CONFIG["backward"] = "one_pass"

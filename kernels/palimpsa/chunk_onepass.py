@@ -411,7 +411,10 @@ def _triton_walk(
 def reuses_states() -> bool:
     """True where the one-pass backward writes its chunk pulls over the saved boundary states (its identity
     form reads no boundary state after the walk): ``CONFIG["onepass_reuse_states"]``."""
-    return bool(CONFIG["onepass_reuse_states"]) and CONFIG["onepass_dla"] == "identity"
+    reuse = CONFIG["onepass_reuse_states"]
+    if not isinstance(reuse, bool):
+        raise ValueError(f"CONFIG['onepass_reuse_states'] is True or False; got {reuse!r}")
+    return reuse and CONFIG["onepass_dla"] == "identity"
 
 
 def onepass_backward(
