@@ -188,3 +188,14 @@ def test_short_conv_is_a_causal_depthwise_conv1d():
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.double(), F.conv1d(padded.bfloat16().double(), conv.weight.double(), groups=6)
                           .transpose(1, 2), rtol=1e-2, atol=1e-2)  # fmt: skip
+
+
+def test_l2norm_normalises_in_fp32_and_keeps_the_dtype():
+    """16-bit q and k stay 16-bit (the op then runs its products in their dtype), normalised in fp32: the
+    float64 norm rounded once; float64 keeps its precision."""
+    from palimpsa.layers.common import L2_EPS, l2norm
+
+    x = torch.randn(4, 7, 3, 64, generator=torch.Generator().manual_seed(0)).bfloat16().double()
+    want = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+    assert torch.equal(l2norm(x.bfloat16()), want.bfloat16())
+    assert torch.allclose(l2norm(x), want, rtol=1e-15, atol=0)

@@ -227,6 +227,31 @@ def test_one_pass_reuses_the_saved_states_once(config):
         backwards("False", 1)  # a string from a command line is not a switch
 
 
+def test_autocast_runs_the_op_in_its_dtype():
+    """Under autocast a layer hands the op fp32 q, k and gates (rsqrt and softplus are fp32-listed ops) next
+    to a bf16 v: the op runs as if all four had come in autocast's dtype (bit for bit, y in that dtype, not in
+    IEEE fp32 products) and returns each gradient in its input's dtype."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, u, beta, la, ip, _, _ = make_inputs(1, 37, 2, 16, 16, gen)
+    mixed = [q.float(), k.float(), u.bfloat16(), beta.float(), la.float()]
+    cast = [x.bfloat16() for x in mixed[:4]] + [mixed[4]]
+
+    def run(xs: list[torch.Tensor], autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = [x.clone().requires_grad_(True) for x in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, _, _ = chunk_palimpsa(*leaves, ip.float(), chunk_size=16)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        return y, list(torch.autograd.grad((y.float() * w).sum(), leaves))
+
+    y, grads = run(mixed, autocast=True)
+    y_ref, grads_ref = run(cast, autocast=False)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    for name, x, g, g_ref in zip(NAMES[4:9], mixed, grads, grads_ref, strict=True):
+        assert g.dtype == x.dtype, name
+        assert torch.equal(g, g_ref.to(x.dtype)), name
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["no-states", "init-and-final"])
 @pytest.mark.parametrize("gates", ["normal", "extreme"])
 def test_decay_and_prior_gradients_follow_from_the_identity(full, gates):

@@ -25,8 +25,11 @@ L2_EPS = 1e-6
 
 
 def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
-    """Unit-norm keys/queries keep ``k (x) k`` and the delta-rule steps bounded."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    """Unit-norm keys/queries keep ``k (x) k`` and the delta-rule steps bounded. The norm is taken in at least
+    fp32 and the result keeps ``x``'s dtype: under CUDA autocast ``rsqrt`` is an fp32-listed op, and a 16-bit
+    ``x`` would otherwise leave as fp32 q and k next to a 16-bit v."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
