@@ -165,7 +165,7 @@ def test_extreme_gates_stay_finite_and_accurate(reverse_walk):
     assert_paths_close(out, grads, ref_out, ref_grad)
 
 
-def test_many_hard_resets_in_one_chunk_keep_fp32_accuracy():
+def test_many_hard_resets_in_one_chunk_keep_fp32_accuracy(config):
     """Full 64-token chunks with ~20 gates of e^-30 each: cumulative log-decays reach -600, whose fp32 ulp is
     6e-5, so weights taken as differences of two cumulative sums lose that much; the chunk's weights from
     the sums of the later tokens' log-decays keep the outputs at fp32 rounding (this draw: y 5.8e-6 and
@@ -199,20 +199,23 @@ def test_one_pass_reuses_the_saved_states_once(config):
     """With ``onepass_reuse_states`` (the default) the one-pass backward writes its chunk pulls over the saved
     boundary states: the same gradients as with buffers of their own, bit for bit, and a second backward
     through the graph raises, naming the setting, instead of reading the overwritten states; without it two
-    backwards agree."""
+    backwards agree. A backward refused for a bad setting writes nothing: the graph's next one still runs."""
     gen = torch.Generator().manual_seed(8)
     xs = make_inputs(2, 37, 2, 5, 12, gen)
     config.update(backward="one_pass", onepass_sub=3)
 
-    def backwards(reuse: object, n: int) -> list[list[torch.Tensor]]:
-        config["onepass_reuse_states"] = reuse
+    def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = [x.detach().float().requires_grad_(True) for x in xs]
         q, k, u, beta, la, ip, mu0, I0 = leaves
         y, var, (mu, I) = chunk_palimpsa(
             q, k, u, beta, la, ip, initial_state=(mu0, I0), output_final_state=True, output_variance=True,
             chunk_size=16,
         )  # fmt: skip
-        loss = (y * y).sum() + var.sum() + (mu * I).sum()
+        return (y * y).sum() + var.sum() + (mu * I).sum(), leaves
+
+    def backwards(reuse: object, n: int) -> list[list[torch.Tensor]]:
+        config["onepass_reuse_states"] = reuse
+        loss, leaves = forward()
         return [list(torch.autograd.grad(loss, leaves, retain_graph=True)) for _ in range(n)]
 
     kept = backwards(False, 2)
@@ -225,6 +228,14 @@ def test_one_pass_reuses_the_saved_states_once(config):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="onepass_reuse_states"):
         backwards("False", 1)  # a string from a command line is not a switch
+    config["onepass_reuse_states"] = True
+    loss, leaves = forward()
+    config["onepass_sub"] = 0
+    with pytest.raises(ValueError, match="onepass_sub"):
+        torch.autograd.grad(loss, leaves, retain_graph=True)
+    config["onepass_sub"] = 3
+    for name, a, b in zip(NAMES[4:], torch.autograd.grad(loss, leaves), kept[0], strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_autocast_runs_the_op_in_its_dtype():
@@ -250,6 +261,19 @@ def test_autocast_runs_the_op_in_its_dtype():
     for name, x, g, g_ref in zip(NAMES[4:9], mixed, grads, grads_ref, strict=True):
         assert g.dtype == x.dtype, name
         assert torch.equal(g, g_ref.to(x.dtype)), name
+    # one-token decode takes them as the chunked forward does
+    state = (torch.randn(1, 2, 16, 16), torch.rand(1, 2, 16, 16) + 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, _, s1 = fused_recurrent_palimpsa(*(x[:, :1] for x in mixed), ip.float(), initial_state=state,
+                                             backend="triton")  # fmt: skip
+    y1_ref, _, s1_ref = fused_recurrent_palimpsa(*(x[:, :1] for x in cast), ip.float(), initial_state=state,
+                                                 backend="triton")  # fmt: skip
+    assert y1.dtype == torch.bfloat16
+    assert torch.equal(y1, y1_ref) and torch.equal(s1[0], s1_ref[0]) and torch.equal(s1[1], s1_ref[1])
+    # float64 is left alone, as autocast leaves it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64, _, _ = chunk_palimpsa(q, k, u, beta, la, ip, chunk_size=16)
+    assert y64.dtype == torch.float64
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["no-states", "init-and-final"])

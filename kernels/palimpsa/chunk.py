@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.palimpsa.utils import SequenceLayout, dot_precision, next_pow2, sequence_layout
+from kernels.palimpsa.utils import SequenceLayout, autocast_inputs, dot_precision, next_pow2, sequence_layout
 
 
 @triton.jit
@@ -639,12 +639,7 @@ def chunk_palimpsa(
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"with cu_seqlens the batch must be flattened to B == 1, got B == {B}")
     scale = K**-0.5 if scale is None else float(scale)
-    if torch.is_autocast_enabled(q.device.type):
-        # the inputs in autocast's dtype, as a matmul takes them: a layer's norms and gates leave fp32-listed
-        # ops (rsqrt, softplus) in fp32, and an fp32 q alone would run every product in IEEE fp32
-        # (dot_precision) and return y in fp32; the states stay fp32, gradients return in the inputs' dtypes
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, u, beta = (x.to(dtype) for x in (q, k, u, beta))
+    q, k, u, beta = autocast_inputs(q, k, u, beta)  # the states stay fp32; gradients return in input dtypes
     layout: SequenceLayout = sequence_layout(B, T, cu_seqlens, chunk_size, q.device)
     ip_h = torch.as_tensor(ip, device=q.device, dtype=torch.float32)
     ip_h = ip_h.expand(H) if ip_h.dim() == 0 else ip_h.to(torch.float32)

@@ -249,7 +249,7 @@ def _correct_bwd(
     else:
         # a sequence's last chunk: the final state, read only with a final-state gradient (E_c is that
         # gradient there, and zero without one); every other chunk's tail comes from the later chunks' sums
-        # (_dla_tails), and the boundary states may hold the chunks' pulls by now
+        # (_dla_tails), and the boundary states' buffers may hold E_c by now
         s_mp, s_ip, s_off = hTm, hTi, (n.to(tl.int64) * H + h) * V * K
         v_s = tl.where(last & HAS_DFINAL, V, 0)  # (a scalar condition folded into the bound)
     e_s = 0.0  # <E_c, S>, S the state before the chunk (direct form) or the final state (identity)
@@ -379,9 +379,9 @@ def _triton_walk(
     hm: Tensor, hi: Tensor, dy: Tensor, dvar: Tensor, has_dvar: bool, scale: float, layout: SequenceLayout,
     C: int, sub: int, in_place: bool = False,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """``_walk_bwd`` over every (V block, chunk, head): ``dq, dk, du, db, dc, dip``, the chunks' pulls (over
-    ``hm, hi`` when ``in_place``: a program reads its tile of the boundary state before it writes the pull
-    there) and the number of V blocks."""
+    """``_walk_bwd`` over every (V block, chunk, head): ``dq, dk, du, db, dc, dip``, ``ps`` (``<pull, S_0>``
+    per V block), the chunks' pulls (over ``hm, hi`` when ``in_place``: a program reads its tile of the
+    boundary state before it writes the pull there) and the number of V blocks."""
     _, TT, H, K = q.shape
     V = u.shape[-1]
     NT = layout.num_chunks
@@ -408,13 +408,26 @@ def _triton_walk(
     return dq, dk, du, db, dc, dip, ps, dhm, dhi, NV
 
 
+def _check_settings() -> None:
+    """The one-pass settings, checked before the backward marks or writes anything."""
+    if CONFIG["onepass_sub"] < 1:
+        raise ValueError(
+            f"CONFIG['onepass_sub'] is the sub-chunk length, at least 1; got {CONFIG['onepass_sub']}"
+        )
+    if CONFIG["onepass_dla"] not in ("identity", "direct"):
+        raise ValueError(f"CONFIG['onepass_dla'] is 'identity' or 'direct'; got {CONFIG['onepass_dla']!r}")
+    if not isinstance(CONFIG["onepass_reuse_states"], bool):
+        raise ValueError(
+            f"CONFIG['onepass_reuse_states'] is True or False; got {CONFIG['onepass_reuse_states']!r}"
+        )
+
+
 def reuses_states() -> bool:
     """True where the one-pass backward writes its chunk pulls over the saved boundary states (its identity
-    form reads no boundary state after the walk): ``CONFIG["onepass_reuse_states"]``."""
-    reuse = CONFIG["onepass_reuse_states"]
-    if not isinstance(reuse, bool):
-        raise ValueError(f"CONFIG['onepass_reuse_states'] is True or False; got {reuse!r}")
-    return reuse and CONFIG["onepass_dla"] == "identity"
+    form reads no boundary state after the walk): ``CONFIG["onepass_reuse_states"]``. Raises on an invalid
+    one-pass setting, so a backward that fails on one leaves the saved states usable."""
+    _check_settings()
+    return CONFIG["onepass_reuse_states"] and CONFIG["onepass_dla"] == "identity"
 
 
 def onepass_backward(
@@ -425,14 +438,8 @@ def onepass_backward(
     """``dq, dk, du, dbeta, d log alpha, dIp, dM_0, dIbar_0`` (input dtypes; ``om``: ``1 - alpha`` per token;
     ``dTm``/``dTi``: the final raw states' gradients, both given or both ``None``). With ``reuses_states()``
     ``hm`` and ``hi`` hold the scan's ``E_c`` afterwards."""
-    if CONFIG["onepass_sub"] < 1:
-        raise ValueError(
-            f"CONFIG['onepass_sub'] is the sub-chunk length, at least 1; got {CONFIG['onepass_sub']}"
-        )
-    if CONFIG["onepass_dla"] not in ("identity", "direct"):
-        raise ValueError(f"CONFIG['onepass_dla'] is 'identity' or 'direct'; got {CONFIG['onepass_dla']!r}")
+    in_place = reuses_states()  # checks the settings first
     direct = CONFIG["onepass_dla"] == "direct"
-    in_place = reuses_states()
     _, TT, H, K = q.shape
     V = u.shape[-1]
     N, NT = layout.num_seqs, layout.num_chunks

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from kernels.backends import resolve_backend
 from kernels.palimpsa.naive import PalimpsaState, naive_chunk_palimpsa, naive_recurrent_palimpsa
+from kernels.palimpsa.utils import autocast_inputs
 
 PREFILL_CHUNKED_MIN = 64  # prompts at least this long go through the chunked forward
 # On CPU the step-by-step form wins on short sequences (its per-step state stays in cache), the chunked form
@@ -141,6 +142,7 @@ def fused_recurrent_palimpsa(
         )
     from kernels.palimpsa.fused_recurrent import recurrent_palimpsa_fwd
 
+    q, k, u, beta = autocast_inputs(q, k, u, beta)  # as the chunked forward takes them
     ip_h = torch.as_tensor(ip, device=q.device, dtype=torch.float32)
     ip_h = (ip_h.expand(H) if ip_h.dim() == 0 else ip_h).contiguous()
     return recurrent_palimpsa_fwd(

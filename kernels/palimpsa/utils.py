@@ -12,6 +12,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def autocast_inputs(*xs: Tensor) -> tuple[Tensor, ...]:
+    """The inputs as autocast would hand them to a matmul: under autocast on their device, every floating
+    tensor but a float64 one in autocast's dtype (the rule of ``torch.amp.custom_fwd(cast_inputs=...)``);
+    otherwise unchanged. A layer's norms and gates leave fp32-listed ops (``rsqrt``, ``softplus``) in fp32,
+    and one fp32 ``q`` would run every product of the op in IEEE fp32 (``dot_precision``) and return fp32."""
+    device = xs[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in xs)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products (the 1e-5 target); 16-bit inputs get tf32, below their rounding."""
     return "ieee" if dtype == torch.float32 else "tf32"
