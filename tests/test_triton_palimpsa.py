@@ -370,3 +370,21 @@ def test_dispatch_rules():
     with pytest.raises(ValueError, match="B == 1"):
         chunk_palimpsa(*(torch.randn(2, 3, 1, 4) for _ in range(4)), torch.zeros(2, 3, 1), 1.0,
                        cu_seqlens=torch.tensor([0, 3]))  # fmt: skip
+
+
+def test_gpu_check_script_runs_a_named_case_in_the_interpreter(tmp_path, config):
+    """``check_gpu --device cpu --case NAME``: the GPU correctness check's table for one case (fp32 and bf16
+    rows, each with its verdict) from the same kernels in the interpreter; an unknown case is refused."""
+    from kernels.benchmarks import check_gpu
+
+    out = tmp_path / "check.md"
+    with pytest.raises(SystemExit) as done:
+        check_gpu.main(["--device", "cpu", "--case", "K=5, V=12", "--out", str(out)])
+    assert done.value.code == 0
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| K=5, V=12 |")]
+    assert [row[3].strip() for row in rows] == ["float32", "bfloat16"]
+    assert [row[-2].strip() for row in rows] == ["yes", "yes"]
+    assert "Triton interpreter on the CPU" in out.read_text()
+    with pytest.raises(SystemExit) as refused:
+        check_gpu.main(["--device", "cpu", "--case", "K=5"])
+    assert refused.value.code == 2

@@ -1,10 +1,14 @@
 """GPU correctness of the Palimpsa Triton op against the float64 recurrence (run on a CUDA machine).
 
     python -m kernels.benchmarks.check_gpu [--out kernels/benchmarks/gpu_check.md] [--set backward=one_pass]
-        [--cuda-walk]
+        [--cuda-walk] [--case NAME ...]
+    TRITON_INTERPRET=1 python -m kernels.benchmarks.check_gpu --device cpu --case "64 chunks, extreme gates"
 
 ``--set KEY=VALUE`` overrides ``chunk.CONFIG`` (the header lists them); ``--cuda-walk`` runs the one-pass
-backward with its CUDA walk on every case that walk takes (the others say which walk they used).
+backward with its CUDA walk on every case that walk takes (the others say which walk they used);
+``--case`` runs only the named cases (same draws as in the full run); ``--device cpu`` runs the same kernels
+in Triton's interpreter (minutes for the 4096-token cases; its float32 arithmetic is not the GPU's, so it
+reproduces rounding that follows from the algorithm, not the hardware's).
 
 fp32 inputs must reach relative error <= 1e-5 on every output and <= 1e-4 on every input gradient
 (``||x - ref|| / ||ref||``); bf16 inputs are reported against the same reference for information.
@@ -16,6 +20,7 @@ sequences of 64 chunks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,7 +83,13 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a chunk.CONFIG setting")
     ap.add_argument("--cuda-walk", action="store_true", help="one-pass, CUDA walk")
+    ap.add_argument("--case", action="append", default=[], metavar="NAME", help="run only this case")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: with TRITON_INTERPRET=1")
     args = ap.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    global DEV
+    DEV = torch.device(args.device)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -101,8 +112,12 @@ def main(argv=None):
         ("64 chunks", (1, 4096, 2, 64, 64), "normal", None),
         ("64 chunks, extreme gates", (1, 4096, 2, 32, 48), "extreme", None),
     ]
+    unknown = set(args.case) - {c[0] for c in cases}
+    if unknown:
+        ap.error(f"--case: no case named {sorted(unknown)}; the cases: {[c[0] for c in cases]}")
+    where = torch.cuda.get_device_name() if DEV.type == "cuda" else "Triton interpreter on the CPU"
     lines = [
-        f"# GPU check: Triton Palimpsa vs float64 recurrence\n\n{torch.cuda.get_device_name()}, torch "
+        f"# GPU check: Triton Palimpsa vs float64 recurrence\n\n{where}, torch "
         f"{torch.__version__}, triton {triton.__version__}. Relative error ||x - ref|| / ||ref||.\n"
         "Targets (fp32 inputs): outputs <= 1e-5, gradients <= 1e-4.\n"
         f"chunk.CONFIG: {chunk.CONFIG}\n",
@@ -111,6 +126,8 @@ def main(argv=None):
     ]
     ok_all = True
     for seed, (name, shape, gates, cu) in enumerate(cases):
+        if args.case and name not in args.case:
+            continue
         xs = make(*shape, gates=gates, seed=seed)
         cu_t = torch.tensor(cu, device=DEV, dtype=torch.int32) if cu else None
         if cu:
